@@ -1,0 +1,171 @@
+"""Checkpoints: one folder per save, written under a temporary name and renamed, so a crash never leaves a
+half-written checkpoint that could be taken for the newest.
+
+    ckpt_0001000/
+        model.safetensors   weights (never pickle)
+        config.json         model config, tokenizer identity, step
+        tokenizer.tiktoken  (+ tokenizer.json) when the tokenizer is a file, so the folder is self-contained
+        state.pt            optimizer, data position, RNG: loaded with torch.load(weights_only=True)
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from config import GPTConfig
+from errors import UserError
+from model import GPT
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+
+
+def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_state: Optional[dict] = None,
+                    keep: int = 0) -> str:
+    """Write ckpt_<step> into out_dir atomically; keep only the newest `keep` (0 keeps all). Returns its path."""
+    final = os.path.join(out_dir, f"ckpt_{step:07d}")
+    tmp = os.path.join(out_dir, f".ckpt_{step:07d}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.tiktoken"))
+            sidecar = os.path.splitext(tokenizer)[0] + ".json"
+            if os.path.isfile(sidecar):
+                shutil.copyfile(sidecar, os.path.join(tmp, "tokenizer.json"))
+            tokenizer = "tokenizer.tiktoken"
+        meta = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer, "step": step}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if train_state is not None:
+            torch.save(train_state, os.path.join(tmp, "state.pt"))
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # saving the same step again (e.g. after a resume): swap, then drop the old
+            old = os.path.join(out_dir, f".ckpt_{step:07d}.old-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact")
+    _prune(out_dir, keep)
+    return final
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints in out_dir, oldest first. Temporary folders never match the name pattern."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if CKPT_RE.match(n)]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(CKPT_RE.match(n).group(1)))]
+
+
+def find_checkpoint(path: str) -> str:
+    """path itself if it is a checkpoint, else the newest checkpoint in it or in its run folders."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = list_checkpoints(path)
+    if os.path.isdir(path):
+        for sub in sorted(os.listdir(path)):
+            found += list_checkpoints(os.path.join(path, sub))
+    if not found:
+        raise UserError(f"no checkpoint in {path}: train one with train.py, or name one with --checkpoint DIR")
+    return max(found, key=os.path.getmtime)
+
+
+def load_model(source: str, device="cpu") -> tuple[GPT, str]:
+    """The one way every script gets a model: (model in eval mode, tokenizer spec).
+
+    source: a checkpoint folder, a run folder (its newest checkpoint), a Hugging Face GPT-2 folder,
+    or a hub name (gpt2 ... gpt2-xl). A checkpoint's tokenizer is its own; GPT-2's is "gpt2".
+    """
+    if os.path.isdir(source) and not _is_hf_folder(source):
+        model, tokenizer = _load_ours(find_checkpoint(source))
+    else:
+        model, tokenizer = GPT.from_pretrained(source), "gpt2"
+    return model.to(device).eval(), tokenizer
+
+
+def load_train_state(ckpt: str) -> dict:
+    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code."""
+    path = os.path.join(ckpt, "state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed")
+    except Exception as e:  # an unpickling error here means a corrupt or hostile file; either way, refuse it
+        raise UserError(f"refusing {path}: {str(e).splitlines()[0]}")
+
+
+def read_meta(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "config.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        meta["model"] = GPTConfig(**meta["model"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {path}: {e}; the checkpoint is incomplete or corrupt")
+
+
+def _load_ours(ckpt: str) -> tuple[GPT, str]:
+    meta = read_meta(ckpt)
+    model = GPT(meta["model"])
+    path = os.path.join(ckpt, "model.safetensors")
+    try:
+        weights = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a corrupt header or body
+        raise UserError(f"cannot read {path}: {e}; the file is corrupt, use another checkpoint")
+    own = model.state_dict()
+    for key, tensor in weights.items():
+        if key not in own or own[key].shape != tensor.shape:
+            raise UserError(f"{path}: weight {key} {tuple(tensor.shape)} does not fit the model in config.json")
+    missing, _ = model.load_state_dict(weights, strict=False)
+    if set(missing) - {"lm_head.weight"}:
+        raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
+    tokenizer = meta["tokenizer"]
+    if tokenizer == "tokenizer.tiktoken":
+        tokenizer = os.path.join(ckpt, tokenizer)
+    return model, tokenizer
+
+
+def _is_hf_folder(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "n_layer" in json.load(f)  # HF GPT-2 keeps fields at the top; ours nest them under "model"
+    except (OSError, ValueError):
+        return False
+
+
+def _prune(out_dir: str, keep: int):
+    if keep > 0:
+        for path in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(out_dir):  # leftovers of saves killed half-way
+        if name.startswith(".ckpt_"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def _fsync_tree(folder: str):
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,189 @@
+"""Model and training configuration: dataclasses, named presets, and overrides from files and the command line.
+
+Precedence, lowest first: dataclass defaults < preset or JSON file named by --config < command-line flags.
+Every field is a flag; `--n-layer 6` and `--n_layer=6` are the same.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+from errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length, the size of the position table
+    vocab_size: int = 50257  # real vocabulary; the embedding is padded, the logits are not
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    pad_vocab_multiple: int = 64  # pad the embedding rows to a multiple of this for faster matmuls; 1 = no padding
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/fineweb-edu"  # shards and meta.json written by prepare_data.py
+    out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16
+    compile: Optional[bool] = None  # torch.compile; default on for CUDA, off elsewhere
+    seed: int = 1337
+    batch_size: int = 64  # micro batch, sequences per forward per process
+    total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
+    max_steps: int = 19073  # one epoch of fineweb-edu 10B at 524,288 tokens per step
+    learning_rate: float = 6e-4
+    min_lr: Optional[float] = None  # floor of the cosine; default 10% of learning_rate
+    warmup_steps: int = 715
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_steps: int = 20  # validation batches per evaluation (per process)
+    hellaswag_interval: int = 250  # 0 turns it off
+    hellaswag_limit: int = 0  # examples per evaluation; 0 = all 10,042
+    hellaswag_data: Optional[str] = None  # local .jsonl(.gz); default: download once and cache
+    sample_interval: int = 250  # 0 turns sampling off
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    shuffle: bool = False  # shuffle the shard order each epoch (seeded)
+    wandb: bool = False
+    wandb_project: str = "gpt-pretrain"
+    wandb_run_name: Optional[str] = None
+
+
+# Each preset sets model fields and, where the preset implies a kind of run, training fields.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+    # GPT-1's shape (Radford et al. 2018) with GPT-2's pre-LayerNorm blocks; 40,478 BPE tokens.
+    "gpt1": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478),
+    "toygpt-small": dict(n_layer=12, n_head=8, n_embd=768, block_size=512),
+    "toygpt-medium": dict(n_layer=16, n_head=8, n_embd=1024, block_size=512),
+    "toygpt-large": dict(n_layer=24, n_head=16, n_embd=2048, block_size=512),
+    # The CPU demo: the built-in tinytales corpus with its own 4,096-token tokenizer, minutes on a laptop.
+    "tiny": dict(
+        n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096,
+        data_dir="data/tinytales", out_dir="out/tiny", batch_size=16, total_batch_size=16 * 256,
+        max_steps=1500, learning_rate=2e-3, warmup_steps=50, eval_interval=250, eval_steps=20,
+        hellaswag_interval=0, sample_interval=500, checkpoint_interval=250, log_interval=50,
+    ),
+}
+
+_FIELDS = {f.name: (cls, f) for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls)}
+
+
+def _base_type(annotation):
+    """int for int, float for Optional[float], ..."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _check_keys(overrides: dict, where: str):
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(_FIELDS)}")
+
+
+def load_preset(name_or_file: str) -> dict:
+    """The overrides of a named preset or of a JSON file of {field: value}."""
+    if name_or_file in PRESETS:
+        return dict(PRESETS[name_or_file])
+    if not os.path.isfile(name_or_file):
+        raise UserError(f"--config {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        with open(name_or_file) as f:
+            overrides = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read config file {name_or_file}: {e}; it must be a JSON object of field: value")
+    if not isinstance(overrides, dict):
+        raise UserError(f"config file {name_or_file} must hold a JSON object of field: value")
+    _check_keys(overrides, name_or_file)
+    return overrides
+
+
+def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
+    """Split flat {field: value} overrides into the two dataclasses, checking names and types."""
+    _check_keys(overrides, "overrides")
+    parts = {GPTConfig: {}, TrainConfig: {}}
+    for key, value in overrides.items():
+        cls, field = _FIELDS[key]
+        typ = _base_type(field.type)
+        if value is not None and typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and not isinstance(value, typ):
+            raise UserError(f"config key {key} must be {typ.__name__}, got {value!r}")
+        parts[cls][key] = value
+    return GPTConfig(**parts[GPTConfig]), TrainConfig(**parts[TrainConfig])
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser):
+    """Add --config and one flag per config field (dashes or underscores) to parser."""
+    parser.add_argument("--config", default=None, help=f"a preset ({', '.join(PRESETS)}) or a JSON file of field: value")
+    for cls in (GPTConfig, TrainConfig):
+        group = parser.add_argument_group(f"{cls.__name__} fields")
+        for f in dataclasses.fields(cls):
+            flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+            typ = _base_type(f.type)
+            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"default: {f.default}")
+            if typ is bool:
+                # --resume, --no-resume and --resume=false all work.
+                group.add_argument(*flags, nargs="?", const=True, type=_parse_bool, **kwargs)
+                group.add_argument(*[fl.replace("--", "--no-", 1) for fl in flags], dest=f.name,
+                                   action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            else:
+                group.add_argument(*flags, type=typ, metavar=typ.__name__.upper(), **kwargs)
+
+
+def parse_configs(parser: argparse.ArgumentParser, argv=None):
+    """Parse argv into (GPTConfig, TrainConfig, args); unknown options are one clear error."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown option(s) {' '.join(unknown)}; see --help for the valid ones")
+    overrides = load_preset(args.config) if args.config else {}
+    overrides.update({k: v for k, v in vars(args).items() if k in _FIELDS})
+    model_cfg, train_cfg = make_configs(overrides)
+    return model_cfg, train_cfg, args
+
+
+def main():
+    """List the presets with their parameter counts."""
+    import model  # only here: config.py imports nothing of ours at import time
+
+    argparse.ArgumentParser(description="List the model presets and their parameter counts.").parse_args()
+    print(f"{'preset':<14} {'layers':>6} {'heads':>5} {'n_embd':>6} {'block':>5} {'vocab':>6} {'params':>9}")
+    for name, preset in PRESETS.items():
+        cfg, _ = make_configs({k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})
+        n = model.count_params(cfg)
+        print(f"{name:<14} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>6} {cfg.block_size:>5} "
+              f"{cfg.vocab_size:>6} {n / 1e6:>8.1f}M")
+
+
+if __name__ == "__main__":
+    from errors import run_main
+
+    run_main(main)

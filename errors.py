@@ -1,0 +1,18 @@
+"""User-facing errors: a mistake the user can fix is one clear line, never a traceback."""
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix (bad flag, missing file, corrupt shard). The message says what and how."""
+
+
+def run_main(main):
+    """Run a script's main(); turn UserError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,277 @@
+"""GPT-2, exactly: pre-LayerNorm blocks, learned positions, tanh GELU, tied embeddings.
+
+Module names follow OpenAI's/Hugging Face's checkpoints (transformer.h.0.attn.c_attn, ...) so their weights map
+one to one. Attention runs through F.scaled_dot_product_attention (flash attention on CUDA). A KVCache makes
+generation and shared-prefix scoring cost one new token per step instead of the whole context.
+"""
+import json
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import GPTConfig
+from errors import UserError
+
+
+class KVCache:
+    """Keys and values of every layer for B rows and up to max_len positions, filled left to right."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """A cache whose rows are each of ours n times: one shared prefix, n different continuations."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v, out.pos = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1), self.pos
+        return out
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, layer: int, cache: Optional[KVCache], attn_mask):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        is_causal = attn_mask is None and T > 1
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            if start > 0 and attn_mask is None and T > 1:
+                # is_causal aligns the triangle top-left; new queries sit after `start` cached keys.
+                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                is_causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layer, cache, attn_mask):
+        x = x + self.attn(self.ln_1(x), layer, cache, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
+        """Final hidden states (after ln_f), shape (B, T, n_embd).
+
+        positions: (B, T) or (T,) position ids, default cache.pos + arange(T).
+        attn_mask: boolean (B or 1, 1, T, keys) where True may attend; default causal.
+        """
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, cache, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def logits(self, h):
+        """Logits over the real vocabulary: padded rows exist only to speed up the matmul, never in results."""
+        return self.lm_head(h)[..., :self.config.vocab_size]
+
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
+        """(logits for every position, mean cross-entropy against targets or None). Targets of -1 are ignored."""
+        logits = self.logits(self.hidden(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield (B,) next tokens one step at a time, so callers can stream. temperature 0 means greedy.
+
+        Past block_size the context slides, which shifts every position: the cache is then rebuilt each
+        step, so cached and uncached decoding stay identical.
+        """
+        block = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache or idx.shape[1] > block:
+                logits, _ = self(idx[:, -block:])
+            elif cache is None:
+                cache = KVCache(self.config, idx.shape[0], block, idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(idx, cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            nxt = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            yield nxt
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str) -> "GPT":
+        """OpenAI GPT-2 weights from a Hugging Face folder, or by hub name (gpt2 ... gpt2-xl) when online."""
+        folder = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
+        cfg = _config_from_hf(folder)
+        model = cls(cfg)
+        sd = _hf_state_dict(folder)
+        own = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for key, tensor in sd.items():
+                key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+                if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                    continue  # causal-mask buffers of old checkpoints; the head is tied to wte
+                if key not in own:
+                    raise UserError(f"unexpected weight {key} in {folder}: not a GPT-2 checkpoint")
+                if key.endswith(transposed):  # HF stores these as Conv1D, (in, out)
+                    tensor = tensor.t()
+                target = own.pop(key)
+                if key == "transformer.wte.weight":
+                    target = target[:tensor.shape[0]]
+                if target.shape != tensor.shape:
+                    raise UserError(f"weight {key} in {folder} has shape {tuple(tensor.shape)}, "
+                                    f"config.json implies {tuple(target.shape)}")
+                target.copy_(tensor)
+        missing = [k for k in own if k != "lm_head.weight"]
+        if missing:
+            raise UserError(f"{folder} lacks weights {', '.join(missing[:3])}...: not a complete GPT-2 checkpoint")
+        return model
+
+
+def sample(logits, temperature: float, top_k: Optional[int], top_p: float, generator=None):
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
+    """Parameters as published: real vocabulary (no padding), tied head counted once; without the position
+    table when include_embeddings is False (the count that scales FLOPs)."""
+    C = cfg.n_embd
+    ln = 2 * C if cfg.bias else C
+    per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
+    n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln
+    return n + cfg.block_size * C if include_embeddings else n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per weight of the matmuls plus attention scores,
+    as in PaLM's appendix B. The head is computed over the padded vocabulary, so that is what it costs."""
+    n = count_params(cfg, include_embeddings=False) + (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def estimate_mfu(cfg: GPTConfig, seq_len: int, tokens_per_sec: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (the caller knows its device)."""
+    return flops_per_token(cfg, seq_len) * tokens_per_sec / peak_flops
+
+
+def _download(name: str) -> str:
+    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    if name not in names:
+        raise UserError(f"{name!r} is neither a folder nor one of {', '.join(names)}")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "*.safetensors"])
+
+
+def _config_from_hf(folder: str) -> GPTConfig:
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{path}: activation {hf['activation_function']} is not GPT-2's tanh GELU")
+        return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read a GPT-2 config from {path}: {e!r}")
+
+
+def _hf_state_dict(folder: str) -> dict:
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    try:
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+
+            return load_file(st)
+        if os.path.exists(pt):
+            return torch.load(pt, map_location="cpu", weights_only=True)  # never full pickle
+    except Exception as e:  # corrupt files raise many kinds of errors; all mean the same to the user
+        raise UserError(f"cannot load weights from {folder}: {e}")
+    raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
