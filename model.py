@@ -141,11 +141,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
         """(logits for every position, mean cross-entropy against targets or None). Targets of -1 are ignored."""
-        logits = self.logits(self.hidden(idx, cache))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        h = self.hidden(idx, cache)
+        if targets is None:
+            return self.logits(h), None
+        # The loss reads the padded logits with the padding at -inf (exp(-inf) = 0 exactly): the same value as
+        # slicing, without the slice's backward materialising a zero tensor of the whole logits.
+        logits = self.lm_head(h).float()
+        logits[..., self.config.vocab_size:] = float("-inf")
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits[..., :self.config.vocab_size], loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,

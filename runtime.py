@@ -4,6 +4,7 @@ Each choice lives in one function here so every script makes it the same way.
 """
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,8 @@ import torch.distributed as dist
 
 from errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float16 would need a gradient scaler; bfloat16 has float32's range and runs on every GPU since Ampere.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -41,8 +43,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    if DTYPES[name] == torch.float16 and device.type != "cuda":
-        raise UserError("float16 needs a CUDA GPU (it trains with a gradient scaler); on CPU use bfloat16")
     return DTYPES[name]
 
 
@@ -51,6 +51,42 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Dense bfloat16 tensor-core peaks from the datasheets (no sparsity), by a substring of the device name.
+GPU_PEAK_BF16 = {"H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s the device can reach in this dtype: the datasheet for known GPUs, else a timed large matmul."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops
+    return measure_matmul_flops(device, dtype)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of an n x n x n matmul in dtype: a practical peak where no datasheet applies (CPUs)."""
+    # Constant operands: random ones would draw from the global RNG and break exact resume of training.
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
+    a @ b  # warm up: first calls pick kernels and allocate
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+        _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def configure_matmul(device: torch.device):

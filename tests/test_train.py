@@ -1,0 +1,206 @@
+"""train.py: it learns a source of known entropy, DDP equals accumulation, resume is exact, and the pieces
+(schedule, weight-decay groups, accumulation arithmetic) match their definitions."""
+import json
+import re
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import GPTConfig, TrainConfig
+from dataloader import write_shard
+from errors import UserError
+from model import GPT
+from train import build_optimizer, grad_accum_steps, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def markov_chain(vocab: int, seed: int):
+    """A random first-order Markov chain: (transition matrix, stationary distribution, entropy rate in nats)."""
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.full(vocab, 0.3), size=vocab)
+    evals, evecs = np.linalg.eig(P.T)
+    pi = np.real(evecs[:, np.argmin(np.abs(evals - 1))])
+    pi /= pi.sum()
+    rate = -(pi[:, None] * P * np.log(P)).sum()
+    return P, pi, rate
+
+
+def sample_chain(P, pi, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    cum = P.cumsum(axis=1)
+    out = np.empty(n, dtype=np.uint16)
+    s = rng.choice(len(pi), p=pi)
+    u = rng.random(n)
+    for i in range(n):
+        out[i] = s
+        s = min(int(np.searchsorted(cum[s], u[i])), len(pi) - 1)
+    return out
+
+
+def make_markov_data(folder: Path, vocab: int = 8, n_train: int = 200_000, n_val: int = 20_000, seed: int = 0):
+    P, pi, rate = markov_chain(vocab, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shard(str(folder / "train_000000.bin"), sample_chain(P, pi, n_train, seed + 1))
+    write_shard(str(folder / "val_000000.bin"), sample_chain(P, pi, n_val, seed + 2))
+    meta = {"tokenizer": "gpt2", "vocab_size": vocab, "eot": vocab - 1, "source": "markov"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return P, pi, rate
+
+
+def run_train(*flags, torchrun: int = 0, check=True, **popen):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+           if torchrun else [sys.executable]) + ["train.py", *map(str, flags)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else None
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_log(out: Path, key: str) -> dict:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+SMALL = ["--device", "cpu", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
+         "--pad-vocab-multiple", 1, "--log-interval", 1, "--eval-interval", 0, "--hellaswag-interval", 0,
+         "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3]
+
+
+def test_learns_markov_chain_to_its_entropy(tmp_path):
+    """The best any model can do on a block is the marginal entropy at its first position and the chain's
+    entropy rate after it; a small GPT must get within 0.05 nats of that."""
+    P, pi, rate = make_markov_data(tmp_path / "data")
+    block = 64
+    first = -(pi * np.log(pi)).sum()
+    optimum = (first + (block - 1) * rate) / block
+    out = tmp_path / "out"
+    run_train(*SMALL, "--block-size", block, "--data-dir", tmp_path / "data", "--out-dir", out,
+              "--batch-size", 16, "--total-batch-size", 16 * block, "--max-steps", 400, "--eval-interval", 400,
+              "--eval-steps", 10, "--log-interval", 50, "--checkpoint-interval", 1000)
+    val = read_log(out, "val_loss")[400]
+    assert abs(val - optimum) < 0.05, f"val loss {val:.4f}, optimum {optimum:.4f} (entropy rate {rate:.4f})"
+
+
+def test_ddp_equals_accumulation(tmp_path):
+    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
+    common = [*SMALL, "--data-dir", tmp_path / "data", "--batch-size", 4, "--total-batch-size", 4 * 32 * 2,
+              "--max-steps", 6, "--checkpoint-interval", 100]
+    run_train(*common, "--out-dir", tmp_path / "single")
+    run_train(*common, "--out-dir", tmp_path / "ddp", torchrun=2)
+    single, ddp = read_log(tmp_path / "single", "loss"), read_log(tmp_path / "ddp", "loss")
+    assert sorted(single) == sorted(ddp) == list(range(1, 7))
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    """kill -9 in the middle of a run, --resume, and the loss curve equals a run never stopped, exactly."""
+    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
+    common = [*SMALL, "--data-dir", tmp_path / "data", "--batch-size", 4, "--total-batch-size", 4 * 32 * 2,
+              "--max-steps", 40, "--checkpoint-interval", 5, "--keep-checkpoints", 2, "--dropout", 0.1]
+    run_train(*common, "--out-dir", tmp_path / "full")
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *map(str, common), "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "ckpt_0000015").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_train(*common, "--out-dir", out, "--resume")
+    assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
+    out = tmp_path / "out"
+    common = [*SMALL, "--data-dir", tmp_path / "data", "--out-dir", out, "--batch-size", 4,
+              "--total-batch-size", 128, "--max-steps", 100000, "--checkpoint-interval", 100000]
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not ((out / "log.jsonl").exists() and len(read_log(out, "loss")) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    saved = [p.name for p in out.iterdir() if p.name.startswith("ckpt_")]
+    assert len(saved) == 1 and "continue with --resume" in stdout
+    step = int(saved[0].split("_")[1])
+    assert step == max(read_log(out, "loss"))
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+    common = [*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
+              "--total-batch-size", 128, "--max-steps", 2]
+    run_train(*common)
+    result = run_train(*common, "--n-layer", 3, "--resume", check=False)
+    assert result.returncode == 2 and "different model config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+    result = run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
+                       "--total-batch-size", 128, "--max-steps", 50, "--learning-rate", 1e30, "--warmup-steps", 1,
+                       "--grad-clip", 0, check=False)
+    assert result.returncode == 2 and re.search("loss is (nan|inf)", result.stderr) and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total-batch-size", 100], "not a multiple"),
+    (["--device", "cuda"], "no CUDA"),
+    (["--device", "tpu9"], "device"),
+    (["--no-such-flag", 1], "unknown option"),
+    (["--data-dir", "/nonexistent"], "prepare_data.py"),
+])
+def test_bad_flags_get_one_clear_line(tmp_path, flags, message):
+    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+    result = run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
+                       "--total-batch-size", 128, "--max-steps", 1, *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lr_schedule_matches_its_definition():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the top
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way: the mean of max and min
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(60, TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110)) == pytest.approx(0.55)
+
+
+def test_weight_decay_only_on_matrices_and_embeddings():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert all(n.endswith("bias") or ".ln_" in n or "ln_f" in n for n in (names[id(p)] for p in no_decay["params"]))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_grad_accumulation_arithmetic():
+    assert grad_accum_steps(TrainConfig(batch_size=64, total_batch_size=524288), 1024, 1) == 8
+    assert grad_accum_steps(TrainConfig(batch_size=64, total_batch_size=524288), 1024, 8) == 1
+    assert grad_accum_steps(TrainConfig(batch_size=16, total_batch_size=524288), 1024, 8) == 4
+    with pytest.raises(UserError, match="not a multiple"):
+        grad_accum_steps(TrainConfig(batch_size=48, total_batch_size=524288), 1024, 1)
