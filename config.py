@@ -37,7 +37,7 @@ class TrainConfig:
     data_dir: str = "data/fineweb-edu"  # shards and meta.json written by prepare_data.py
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16
     compile: Optional[bool] = None  # torch.compile; default on for CUDA, off elsewhere
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
@@ -51,12 +51,14 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
     log_interval: int = 10
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: datasheet for known GPUs, else measured
     eval_interval: int = 250
     eval_steps: int = 20  # validation batches per evaluation (per process)
     hellaswag_interval: int = 250  # 0 turns it off
     hellaswag_limit: int = 0  # examples per evaluation; 0 = all 10,042
     hellaswag_data: Optional[str] = None  # local .jsonl(.gz); default: download once and cache
     sample_interval: int = 250  # 0 turns sampling off
+    sample_prompt: str = "Once upon a time"
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -127,7 +129,8 @@ def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
         typ = _base_type(field.type)
         if value is not None and typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if value is not None and not isinstance(value, typ):
+        # bool is a subclass of int, so JSON true would otherwise pass as n_layer=1.
+        if value is not None and (not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool)):
             raise UserError(f"config key {key} must be {typ.__name__}, got {value!r}")
         parts[cls][key] = value
     return GPTConfig(**parts[GPTConfig]), TrainConfig(**parts[TrainConfig])

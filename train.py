@@ -22,11 +22,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import generate
+import hellaswag
 import runtime
 from config import GPTConfig, TrainConfig, add_config_args, parse_configs
 from dataloader import DataLoader
 from errors import UserError, run_main
 from model import GPT, count_params, estimate_mfu
+from tokenizer import load_tokenizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -151,6 +154,11 @@ def evaluate_loss(model, loader: DataLoader, steps: int, device, dtype, world_si
     return (runtime.all_reduce(total) / (steps * world_size)).item()
 
 
+def due(step: int, interval: int, max_steps: int) -> bool:
+    """Every `interval` steps and at the end; never when interval is 0."""
+    return interval > 0 and (step % interval == 0 or step == max_steps)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -259,6 +267,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist):
         return checkpoint.save_checkpoint(cfg.out_dir, at_step, raw_model, meta["tokenizer"], state,
                                           keep=cfg.keep_checkpoints)
 
+    enc = examples = None  # the tokenizer and HellaSwag rows, loaded when first needed
     t_last, steps_timed = time.perf_counter(), 0
     while step < cfg.max_steps:
         loss_accum = torch.zeros((), device=device)
@@ -290,7 +299,8 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist):
         step += 1
         steps_timed += 1
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        logged = due(step, cfg.log_interval, cfg.max_steps)
+        if logged:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t_last) / steps_timed
@@ -300,17 +310,30 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist):
                        "tokens_per_sec": tps, "ms_per_step": dt * 1000, "mfu": mfu},
                       f"step {step:6d}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
                       f"norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s | mfu {mfu:.1%}")
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+        if due(step, cfg.eval_interval, cfg.max_steps):
             val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, device, dtype, ctx.world_size)
             log.write({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+        if due(step, cfg.hellaswag_interval, cfg.max_steps):
+            enc = enc or load_tokenizer(meta["tokenizer"])
+            examples = examples or hellaswag.load_examples(cfg.hellaswag_data, cfg.hellaswag_limit)
+            result = hellaswag.evaluate(raw_model, enc, examples, device, dtype, dist=ctx)
+            log.write({"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
+                      f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
+        if master and due(step, cfg.sample_interval, cfg.max_steps):
+            # A private generator: sampling must not move the training RNG, or resume would not be exact.
+            gen = torch.Generator(device).manual_seed(cfg.seed)
+            enc = enc or load_tokenizer(meta["tokenizer"])
+            text = generate.complete(raw_model, enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
+                                     dtype=dtype)[0]
+            print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)
         stopping = stop.is_set(device)
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stopping:
+        if due(step, cfg.checkpoint_interval, cfg.max_steps) or step == cfg.max_steps or stopping:
             path = save(step)
             if master and stopping:
                 print(f"stopped by signal {stop.signal}: saved {path}; continue with --resume", flush=True)
         if stopping:
             return
-        if steps_timed and step % cfg.log_interval == 0:
+        if logged:  # evaluations and saves above are not training time: restart the clock after them
             t_last, steps_timed = time.perf_counter(), 0
 
 
