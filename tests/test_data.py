@@ -1,0 +1,455 @@
+"""Shards, the DataLoader, and prepare_data.py end to end on local files and local copies of the hub layouts."""
+import base64
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prepare_data
+from dataloader import HEADER_BYTES, MAGIC, DataLoader, read_shard, write_shard
+from errors import UserError
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- shards ----
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.uint16)
+    path = tmp_path / "train_000000.bin"
+    write_shard(str(path), tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [MAGIC, 1, 5] and not header[3:].any()
+    assert path.stat().st_size == HEADER_BYTES + 2 * 5
+    assert np.array_equal(read_shard(str(path)), tokens)
+    assert [p.name for p in tmp_path.iterdir()] == ["train_000000.bin"]  # no .tmp left over
+
+
+def corrupt(path: Path, how: str):
+    data = bytearray(path.read_bytes())
+    if how == "magic":
+        data[0:4] = (123).to_bytes(4, "little")
+    elif how == "version":
+        data[4:8] = (2).to_bytes(4, "little")
+    elif how == "truncated body":
+        data = data[:-2]
+    elif how == "count disagrees":
+        data += b"\0\0"
+    elif how == "short header":
+        data = data[:100]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, message", [("magic", "wrong magic"), ("version", "version 2"),
+                                          ("truncated body", "truncated"), ("count disagrees", "header says"),
+                                          ("short header", "truncated")])
+def test_corrupt_shards_are_user_errors(tmp_path, how, message):
+    path = tmp_path / "val_000000.bin"
+    write_shard(str(path), np.arange(10, dtype=np.uint16))
+    corrupt(path, how)
+    with pytest.raises(UserError, match=message) as e:
+        read_shard(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_missing_shard(tmp_path):
+    with pytest.raises(UserError, match="cannot read shard"):
+        read_shard(str(tmp_path / "nope.bin"))
+
+
+# ---- the loader ----
+
+B, T = 2, 4  # a chunk is 9 tokens
+
+
+def make_shards(folder: Path, sizes, split="train"):
+    """Shards whose tokens count up across shards, so every token says where it came from."""
+    folder.mkdir(exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        write_shard(str(folder / f"{split}_{i:06d}.bin"), np.arange(start, start + n, dtype=np.uint16))
+        start += n
+    return folder
+
+
+def chunks(loader, n):
+    """The first token of each of the next n batches: which chunk each one was."""
+    return [int(loader.next_batch()[0][0, 0]) for _ in range(n)]
+
+
+def test_batches_are_consecutive_chunks_shifted_by_one(tmp_path):
+    # 20 tokens hold 2 chunks of 9 (19 = 2*8+3: the +1 target may come from the next chunk's first token).
+    loader = DataLoader(make_shards(tmp_path / "d", [20, 9, 8]), "train", B, T)
+    assert loader.chunks_per_epoch == 3  # 2 + 1 + 0: the last shard is too short for a chunk
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+    assert x.flatten().tolist() == list(range(8)) and y.flatten().tolist() == list(range(1, 9))
+    assert chunks(loader, 2) == [8, 20]
+
+
+def test_resume_mid_shard_continues_exactly(tmp_path):
+    data = make_shards(tmp_path / "d", [50, 40])
+    loader = DataLoader(data, "train", B, T)
+    chunks(loader, 3)
+    state = loader.state_dict()
+    expected = [loader.next_batch() for _ in range(6)]  # runs past the end of the epoch
+    resumed = DataLoader(data, "train", B, T)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # states go through checkpoints
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(6)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    resumed.reset()
+    assert chunks(resumed, 1) == [0]
+
+
+def test_ddp_ranks_split_what_one_process_reads(tmp_path):
+    data = make_shards(tmp_path / "d", [50, 40, 30])
+    single = DataLoader(data, "train", B, T)
+    ranks = [DataLoader(data, "train", B, T, rank=r, world_size=2) for r in range(2)]
+    for _ in range(7):  # 14 chunks: across an epoch boundary (12 chunks)
+        assert [chunks(single, 1)[0] for _ in range(2)] == [chunks(r, 1)[0] for r in ranks]
+    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+
+
+def test_epoch_wraps_to_the_start(tmp_path):
+    loader = DataLoader(make_shards(tmp_path / "d", [30, 20]), "train", B, T)
+    first_epoch = chunks(loader, loader.chunks_per_epoch)
+    assert first_epoch == [0, 8, 16, 30, 38]
+    assert chunks(loader, loader.chunks_per_epoch) == first_epoch
+
+
+def test_shuffle_is_a_seeded_permutation_of_shards_per_epoch(tmp_path):
+    data = make_shards(tmp_path / "d", [10] * 6)  # one chunk per shard, starting at 0, 10, ..., 50
+    a, b = DataLoader(data, "train", B, T, shuffle_seed=1), DataLoader(data, "train", B, T, shuffle_seed=1)
+    epochs = [chunks(a, 6) for _ in range(3)]
+    assert epochs == [chunks(b, 6) for _ in range(3)]
+    assert all(sorted(e) == [0, 10, 20, 30, 40, 50] for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # a new order each epoch
+    assert chunks(DataLoader(data, "train", B, T, shuffle_seed=2), 6) != epochs[0]
+
+
+def test_token_beyond_vocab_is_a_user_error(tmp_path):
+    data = make_shards(tmp_path / "d", [30])
+    loader = DataLoader(data, "train", B, T, vocab_size=20)
+    chunks(loader, 2)  # ids up to 16 are fine
+    with pytest.raises(UserError, match=r"token id 2\d >= vocab size 20 in .*train_000000.bin"):
+        loader.next_batch()
+
+
+def test_loader_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist; run prepare_data.py"):
+        DataLoader(tmp_path / "missing", "train", B, T)
+    data = make_shards(tmp_path / "d", [30])
+    with pytest.raises(UserError, match="no val_\\*.bin shards .* run prepare_data.py"):
+        DataLoader(data, "val", B, T)
+    make_shards(data, [5, 8], split="val")
+    with pytest.raises(UserError, match="13 tokens.*--batch-size"):
+        DataLoader(data, "val", B, T)
+
+
+# ---- prepare_data.py ----
+
+WORDS = "the a cat dog sat ran on under mat tree naïve café 日本語 😀 42 1999 don't it's".split()
+
+
+def make_docs(n, seed=0, max_words=80):
+    rng = random.Random(seed)
+    seps = [" ", " ", " ", "\n", "  ", "\t", ", ", ".\n\n"]
+    return ["".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(rng.randint(1, max_words)))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_tiktoken):  # the rank file's fixture is in conftest.py; it skips when the file is absent
+    return load_tokenizer(str(gpt2_tiktoken))
+
+
+def expected_tokens(enc, docs):
+    return np.array([t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)], dtype=np.uint16)
+
+
+def all_tokens(out: Path):
+    """val then train: the whole stream, in source order."""
+    return np.concatenate([read_shard(str(p)) for split in ("val", "train")
+                           for p in sorted(out.glob(f"{split}_*.bin"))])
+
+
+def shard_bytes(out: Path):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def prepare(out, *argv):
+    """prepare_data in this process (it still starts its worker processes); returns meta.json."""
+    prepare_data.main(["--out", str(out), "--workers", "2", *map(str, argv)])
+    return json.loads((out / "meta.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def prepare_gpt2(gpt2_tiktoken):
+    """prepare() with GPT-2's tokenizer."""
+    return lambda out, *argv: prepare(out, "--tokenizer", gpt2_tiktoken, *argv)
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def write_jsonl(path: Path, docs):
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+
+
+def write_parquet(path: Path, docs, column="text"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: docs}), path)
+
+
+def source_layouts(root: Path, docs):
+    """Each --input kind holding docs, in order."""
+    (root / "txt").mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (root / "txt" / f"{i:03d}.txt").write_text(d, encoding="utf-8")
+    write_jsonl(root / "one.jsonl", docs)
+    write_parquet(root / "one.parquet", docs)
+    mixed = root / "mixed"  # sorted: a.jsonl, b/c.parquet, d.txt
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", docs[:10])
+    write_parquet(mixed / "b" / "c.parquet", docs[10:-1])
+    (mixed / "d.txt").write_text(docs[-1], encoding="utf-8")
+    (mixed / "notes.md").write_text("not a document")
+    globbed = root / "glob"
+    globbed.mkdir()
+    write_jsonl(globbed / "p1.jsonl", docs[:15])
+    write_jsonl(globbed / "p2.jsonl", docs[15:])
+    write_jsonl(globbed / "skip.json", ["never read"])
+    return {"txt": [root / "txt" / f"{i:03d}.txt" for i in range(len(docs))], "jsonl": [root / "one.jsonl"],
+            "parquet": [root / "one.parquet"], "folder": [mixed], "glob": [str(globbed / "p*.jsonl")]}
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "folder", "glob"])
+def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_path, gpt2, prepare_gpt2, kind):
+    docs = make_docs(30)
+    inputs = source_layouts(tmp_path / "src", docs)[kind]
+    meta = prepare_gpt2(tmp_path / "out", "--input", *inputs, "--val-tokens", 200)
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    splits = meta["splits"]
+    assert splits["val"]["documents"] + splits["train"]["documents"] == 30
+    assert sum(s["tokens"] for s in splits.values()) == len(expected_tokens(gpt2, docs))
+    # val: whole first documents, just enough to reach --val-tokens
+    val_lengths = [len(gpt2.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
+    assert sum(val_lengths) == splits["val"]["tokens"] and sum(val_lengths[:-1]) < 200 <= sum(val_lengths)
+    assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
+    assert not (tmp_path / "out" / "job.json").exists()
+
+
+def fineweb_copy(root: Path, sample_docs, other_docs):
+    """A local folder laid out as the Hub repo: subsets declared in the README's YAML header."""
+    write_parquet(root / "sample" / "10BT" / "000_00000.parquet", sample_docs)
+    write_parquet(root / "data" / "CC-MAIN-2024-10" / "train-00000.parquet", other_docs)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/*/*\n- config_name: sample-10BT\n  data_files:\n"
+                                    "  - split: train\n    path: sample/10BT/*\n---\n# fineweb-edu\n")
+    return root
+
+
+def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
+    sample, other = make_docs(20, seed=1), make_docs(5, seed=2)
+    hub = fineweb_copy(tmp_path / "fw", sample, other)
+    prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
+    prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
+                 "--val-tokens", 10)
+    assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
+
+
+def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare_gpt2):
+    per_doc = prepare_data.BOOKCORPUS_SENTENCES_PER_DOC
+    sentences = [f"sentence {i} of the book ." for i in range(2 * per_doc + 5)]
+    write_parquet(tmp_path / "bc" / "plain_text" / "train" / "0000.parquet", sentences)  # the parquet export
+    meta = prepare_gpt2(tmp_path / "out", "--dataset", "bookcorpus", "--hub-path", tmp_path / "bc",
+                        "--val-tokens", 1)
+    docs = [" ".join(sentences[i:i + per_doc]) for i in range(0, len(sentences), per_doc)]
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
+
+
+def test_trained_tokenizer_end_to_end(tmp_path):
+    docs = make_docs(200, seed=3)
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    meta = prepare(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--train-tokenizer", "--vocab-size", 300,
+                   "--val-tokens", 500)
+    assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 300 and meta["eot"] == 299
+    enc = load_tokenizer(str(tmp_path / "out" / meta["tokenizer"]))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tinytales") is None, reason="tinytales.py is not written yet")
+def test_tinytales_trains_its_own_tokenizer(tmp_path):
+    out = tmp_path / "tiny"
+    prepare_data.main(["--dataset", "tinytales", "--out", str(out), "--tinytales-tokens", "60000",
+                       "--vocab-size", "512", "--val-tokens", "2000", "--workers", "2"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 512
+    enc = load_tokenizer(str(out / "tokenizer.tiktoken"))
+    stories = enc.decode(all_tokens(out).tolist()).split("<|endoftext|>")
+    assert stories[0] == "" and len(stories) - 1 == sum(s["documents"] for s in meta["splits"].values())
+
+
+# -- determinism, resume, overwrite: one larger corpus, many small shards --
+
+RUN = ("--shard-size", 40_000, "--val-tokens", 30_000)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory, prepare_gpt2):
+    """A corpus of about two million tokens and its 50-odd shards, prepared with 2 workers."""
+    root = tmp_path_factory.mktemp("big")
+    for i in range(4):
+        write_jsonl(root / f"part{i}.jsonl", make_docs(1500, seed=10 + i, max_words=300))
+    out = root / "reference"
+    prepare_gpt2(out, "--input", root / "part*.jsonl", *RUN)
+    assert len(shard_bytes(out)) > 10
+    return root
+
+
+def test_one_and_two_workers_give_identical_shards(tmp_path, big, gpt2_tiktoken):
+    prepare_data.main(["--input", str(big / "part*.jsonl"), "--out", str(tmp_path / "one"), "--workers", "1",
+                       "--tokenizer", str(gpt2_tiktoken), *map(str, RUN)])
+    assert shard_bytes(tmp_path / "one") == shard_bytes(big / "reference")
+
+
+def test_resume_after_sigkill_gives_identical_shards(tmp_path, big, gpt2_tiktoken):
+    out = tmp_path / "killed"
+    argv = ("--input", big / "part*.jsonl", "--out", out, "--workers", 1, "--tokenizer", gpt2_tiktoken, *RUN)
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "train_000003.bin").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-job
+        proc.wait()
+    assert not (out / "meta.json").exists(), "the run finished before it could be killed"
+    assert (out / "job.json").exists()
+    result = run_cli(*argv)
+    assert result.returncode == 0, result.stderr
+    assert shard_bytes(out) == shard_bytes(big / "reference")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gpt2):
+    out = tmp_path / "damaged"
+    shutil.copytree(big / "reference", out)
+    (out / "meta.json").unlink()
+    (out / "train_000005.bin").unlink()
+    corrupt(out / "train_000002.bin", "truncated body")
+    (out / "train_000007.bin.tmp").write_bytes(b"half a shard")
+    prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
+    assert shard_bytes(out) == shard_bytes(big / "reference")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_finished_job_is_not_redone_and_other_settings_need_overwrite(tmp_path, big, prepare_gpt2, gpt2_tiktoken):
+    out = tmp_path / "done"
+    shutil.copytree(big / "reference", out)
+    argv = ["--input", big / "part*.jsonl", "--out", out, "--tokenizer", gpt2_tiktoken]
+    result = run_cli(*argv, *RUN)
+    assert result.returncode == 0 and "nothing to do" in result.stdout
+    result = run_cli(*argv, "--shard-size", 100_000, "--val-tokens", 30_000)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    meta = prepare_gpt2(out, "--input", big / "part*.jsonl", "--shard-size", 100_000, "--val-tokens", 30_000,
+                   "--overwrite")
+    assert len(shard_bytes(out)) == meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"]
+    assert np.array_equal(all_tokens(out), all_tokens(big / "reference"))
+
+
+def test_unfinished_job_with_other_settings_needs_overwrite(tmp_path, big, prepare_gpt2):
+    out = tmp_path / "unfinished"
+    shutil.copytree(big / "reference", out)
+    (out / "meta.json").unlink()
+    (out / "job.json").write_text(json.dumps({"source": "custom", "shard_size": 1}))
+    with pytest.raises(UserError, match="unfinished job with other settings"):
+        prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
+
+
+# -- the user's mistakes --
+
+def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path):
+    result = run_cli("--input", tmp_path / "missing.jsonl", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "missing.jsonl" in result.stderr
+    assert run_cli("--help").returncode == 0
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"text": "ok"}\n\n{"text": broken\n', r"bad.jsonl:3: not valid JSON"),
+    ("notext.jsonl", '{"text": "ok"}\n{"title": "no text"}\n', r"notext.jsonl:2: no 'text'"),
+    ("list.jsonl", '["text"]\n', r"list.jsonl:1: no 'text'"),
+    ("data.csv", "text\nhello\n", r"data.csv: unsupported file type"),
+])
+def test_bad_input_files(tmp_path, prepare_gpt2, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        prepare_gpt2(tmp_path / "out", "--input", tmp_path / name)
+
+
+def test_missing_inputs_and_empty_sources(tmp_path, prepare_gpt2):
+    with pytest.raises(UserError, match="no such file or folder"):
+        prepare_gpt2(tmp_path / "out", "--input", tmp_path / "nope.txt")
+    with pytest.raises(UserError, match="no such file or folder"):
+        prepare_gpt2(tmp_path / "out", "--input", str(tmp_path / "nope*.jsonl"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(UserError, match="no documents"):
+        prepare_gpt2(tmp_path / "out0", "--input", tmp_path / "empty")
+    write_parquet(tmp_path / "p" / "x.parquet", ["a"], column="body")
+    with pytest.raises(UserError, match="x.parquet: no 'text' column"):
+        prepare_gpt2(tmp_path / "out1", "--input", tmp_path / "p")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="junk.parquet: not a readable parquet file"):
+        prepare_gpt2(tmp_path / "out2", "--input", tmp_path / "junk.parquet")
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, gpt2, prepare_gpt2, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"caf\xe9 au lait")
+    (src / "b.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n')
+    meta = prepare_gpt2(tmp_path / "out", "--input", src, "--val-tokens", 0)
+    assert meta["invalid_utf8_documents"] == 2
+    assert "warning: 2 documents had invalid UTF-8" in capsys.readouterr().err
+    docs = ["caf\ufffd au lait", "fine", "bad \ufffd byte"]
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+
+
+def test_everything_in_val_is_an_error(tmp_path, prepare_gpt2):
+    write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    with pytest.raises(UserError, match="went to the val split; lower --val-tokens"):
+        prepare_gpt2(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--val-tokens", 10**9)
+
+
+def test_vocab_beyond_uint16_is_refused(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    with pytest.raises(UserError, match="vocab size 70000"):
+        prepare(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--train-tokenizer", "--vocab-size", 70000)
+    big_vocab = tmp_path / "big.tiktoken"
+    big_vocab.write_bytes(b"".join(b"%s %d\n" % (base64.b64encode(bytes([b])), b) for b in range(256)))
+    (tmp_path / "big.json").write_text(json.dumps({"pat_str": r"\S+|\s+", "special_tokens": {"<|endoftext|>": 70000}}))
+    with pytest.raises(UserError, match="65536"):
+        prepare(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--tokenizer", big_vocab)
+    assert not (tmp_path / "out").exists()  # both refused before any work
