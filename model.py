@@ -164,13 +164,14 @@ class GPT(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache or idx.shape[1] > block:
-                logits, _ = self(idx[:, -block:])
+                h = self.hidden(idx[:, -block:])
             elif cache is None:
                 cache = KVCache(self.config, idx.shape[0], block, idx.device, self.lm_head.weight.dtype)
-                logits, _ = self(idx, cache=cache)
+                h = self.hidden(idx, cache)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            nxt = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                h = self.hidden(idx[:, -1:], cache)
+            # Only the last position's logits: over a whole context the head would be the biggest matmul.
+            nxt = sample(self.logits(h[:, -1, :]).float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             yield nxt
 
@@ -250,7 +251,11 @@ def _download(name: str) -> str:
         raise UserError(f"{name!r} is neither a folder nor one of {', '.join(names)}")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "*.safetensors"])
+    try:
+        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "*.safetensors"])
+    except Exception as e:  # offline, proxy, HTTP status: the hub raises many kinds; the fix is the same
+        raise UserError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); go online once "
+                        f"(it is then cached) or pass a local Hugging Face folder")
 
 
 def _config_from_hf(folder: str) -> GPTConfig:

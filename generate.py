@@ -1,0 +1,145 @@
+"""Sample text from a trained model, streamed to stdout as it is produced.
+
+    python generate.py --prompt "Once upon a time"           # newest checkpoint under out/
+    python generate.py --checkpoint out/tiny --num-samples 3
+    python generate.py --init-from gpt2 --greedy              # OpenAI's GPT-2 (a Hugging Face folder or hub name)
+
+Other scripts import `complete` (whole samples as strings, e.g. train.py's periodic samples) or `stream`
+(pieces of text as they arrive); both run the same decoding loop.
+"""
+import argparse
+import codecs
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+import checkpoint
+import runtime
+from errors import UserError, run_main
+from model import GPT
+from tokenizer import load_tokenizer
+
+RULE = "-" * 40  # between samples
+
+
+def encode_prompt(enc, prompt: str, block_size: int) -> list[int]:
+    """Token ids of prompt; an empty prompt is <|endoftext|>, as documents start after one in training."""
+    ids = enc.encode(prompt, allowed_special="all") if prompt else [enc.eot_token]
+    if len(ids) > block_size - 1:  # keep room for at least one new token inside the context
+        print(f"warning: the prompt has {len(ids)} tokens, more than the context allows; "
+              f"keeping its last {block_size - 1}", file=sys.stderr)
+        ids = ids[-(block_size - 1):]
+    return ids
+
+
+def stream(model: GPT, enc, ids: list[int], num_samples: int = 1, max_new_tokens: int = 200,
+           temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[tuple[int, str]]:
+    """Yield (sample index, text) pieces as tokens arrive, all samples continuing ids in one batch.
+
+    A sample ends at <|endoftext|> (not printed) or after max_new_tokens. Each sample decodes through its own
+    incremental UTF-8 decoder, so a character whose bytes span several tokens comes out whole.
+    """
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=model.lm_head.weight.device)
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+    done = [False] * num_samples
+    steps = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=generator, use_cache=use_cache)
+    for step in steps:
+        for row, token in enumerate(step.tolist()):
+            done[row] = done[row] or token == enc.eot_token
+            if not done[row]:
+                text = decoders[row].decode(enc.decode_single_token_bytes(token))
+                if text:
+                    yield row, text
+        if all(done):
+            break
+    for row, decoder in enumerate(decoders):  # bytes of an unfinished character become U+FFFD
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield row, tail
+
+
+def complete(model: GPT, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 32,
+             temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
+             generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
+             use_cache: bool = True) -> list[str]:
+    """num_samples continuations of prompt (without the prompt), sampled together in one batch.
+
+    Safe to call in the middle of training: the model is put in eval mode and restored afterwards.
+    Pass an unwrapped GPT (not DDP or torch.compile's wrapper) and the autocast dtype training uses.
+    """
+    ids = encode_prompt(enc, prompt, model.config.block_size)
+    texts = [""] * num_samples
+    was_training = model.training
+    model.eval()
+    try:
+        with runtime.autocast(model.lm_head.weight.device, dtype):
+            for row, text in stream(model, enc, ids, num_samples, max_new_tokens, temperature, top_k, top_p,
+                                    generator, use_cache):
+                texts[row] += text
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample text from a checkpoint or from GPT-2, streamed as it is produced.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="out",
+                        help="a checkpoint, or a run folder to take its newest checkpoint from (default: %(default)s)")
+    source.add_argument("--init-from", metavar="NAME_OR_DIR",
+                        help="GPT-2 weights instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl; online)")
+    p.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="per sample, which also ends at <|endoftext|> (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=200,
+                   help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token (same as --temperature 0)")
+    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same samples (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
+                   help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--tokenizer", help="gpt2 or a .tiktoken file; by default the one the checkpoint names")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (slow; to debug)")
+    args = p.parse_args(argv)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}; 1 turns nucleus sampling off")
+    if args.temperature < 0 or args.top_k < 0 or args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UserError("--temperature, --top-k and --max-new-tokens must be >= 0 and --num-samples >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
+    # find_checkpoint first: its error names the folder, where load_model would try "out" as a hub name.
+    source = args.init_from or checkpoint.find_checkpoint(args.checkpoint)
+    model, tokenizer = checkpoint.load_model(source, device)
+    enc = load_tokenizer(args.tokenizer or tokenizer)
+    if enc.n_vocab != model.config.vocab_size:
+        raise UserError(f"tokenizer {args.tokenizer or tokenizer} has {enc.n_vocab} tokens but the model "
+                        f"{source} has {model.config.vocab_size}; pass the tokenizer it was trained with")
+    print(f"sampling from {source} on {device}", file=sys.stderr)
+    ids = encode_prompt(enc, args.prompt, model.config.block_size)
+    # One generator for all samples: a seed reproduces the whole run, and the samples differ from each other.
+    generator = torch.Generator(device).manual_seed(args.seed)
+    temperature = 0.0 if args.greedy else args.temperature
+    for i in range(args.num_samples):
+        if i:
+            print(RULE)
+        print(args.prompt, end="", flush=True)
+        with runtime.autocast(device, dtype):
+            for _, text in stream(model, enc, ids, 1, args.max_new_tokens, temperature, args.top_k or None,
+                                  args.top_p, generator, use_cache=not args.no_cache):
+                print(text, end="", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    run_main(main)
