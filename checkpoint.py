@@ -15,6 +15,7 @@ import shutil
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import GPTConfig
@@ -45,7 +46,9 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
         if train_state is not None:
-            torch.save(train_state, os.path.join(tmp, "state.pt"))
+            # Through our own file: on a full disk torch raises a vague RuntimeError chained to this file's OSError.
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                torch.save(train_state, f)
         _fsync_tree(tmp)
         if os.path.exists(final):  # saving the same step again (e.g. after a resume): swap, then drop the old
             old = os.path.join(out_dir, f".ckpt_{step:07d}.old-{os.getpid()}")
@@ -55,9 +58,10 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
         else:
             os.rename(tmp, final)
         _fsync_dir(out_dir)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap a full disk in their own types
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact")
+        raise UserError(f"cannot write checkpoint {final}: {_os_reason(e)}; make room or choose another --out-dir "
+                        f"(earlier checkpoints are intact)")
     _prune(out_dir, keep)
     return final
 
@@ -102,7 +106,8 @@ def load_train_state(ckpt: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed")
+        raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed; move it out "
+                        f"of the run folder to resume from an earlier checkpoint")
     except Exception as e:  # an unpickling error here means a corrupt or hostile file; either way, refuse it
         raise UserError(f"refusing {path}: {str(e).splitlines()[0]}")
 
@@ -129,7 +134,8 @@ def _load_ours(ckpt: str) -> tuple[GPT, str]:
     own = model.state_dict()
     for key, tensor in weights.items():
         if key not in own or own[key].shape != tensor.shape:
-            raise UserError(f"{path}: weight {key} {tuple(tensor.shape)} does not fit the model in config.json")
+            raise UserError(f"{path}: weight {key} {tuple(tensor.shape)} does not fit the model in config.json; "
+                            f"the checkpoint is corrupt, use another one")
     missing, _ = model.load_state_dict(weights, strict=False)
     if set(missing) - {"lm_head.weight"}:
         raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
@@ -154,6 +160,16 @@ def _prune(out_dir: str, keep: int):
     for name in os.listdir(out_dir):  # leftovers of saves killed half-way
         if name.startswith(".ckpt_"):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS's reason (e.g. No space left on device), found where torch wrapped it, else e's first line."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.strerror:
+        return cause.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _fsync_tree(folder: str):

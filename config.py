@@ -136,6 +136,20 @@ def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
     return GPTConfig(**parts[GPTConfig]), TrainConfig(**parts[TrainConfig])
 
 
+def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
+    """Values no training run can use: one clear line, not a ZeroDivisionError or an assert deep in the model."""
+    for cfg, names in ((model_cfg, ("block_size", "vocab_size", "n_head", "n_embd")),
+                       (train_cfg, ("batch_size", "total_batch_size", "eval_steps"))):
+        for name in names:
+            if getattr(cfg, name) < 1:
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(cfg, name)}")
+    if model_cfg.n_embd % model_cfg.n_head:
+        raise UserError(f"n_embd {model_cfg.n_embd} is not a multiple of n_head {model_cfg.n_head}: each head "
+                        f"gets n_embd / n_head channels; change one of them")
+    if not 0 <= model_cfg.dropout < 1:
+        raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

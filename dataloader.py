@@ -24,12 +24,18 @@ def write_shard(path: str, tokens: np.ndarray):
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2", copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: no half shard left behind, and one line that names the file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write shard {path}: {e.strerror or e}; make room and rerun prepare_data.py "
+                        f"(it resumes, keeping the shards already written)")
 
 
 def read_shard(path: str) -> np.ndarray:

@@ -1,4 +1,5 @@
 """User-facing errors: a mistake the user can fix is one clear line, never a traceback."""
+import errno
 import sys
 
 
@@ -12,6 +13,13 @@ def run_main(main):
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk can strike any write, and only the user can make room: one line, not a traceback.
+        print(f"error: {e.strerror}" + (f" writing {e.filename}" if e.filename else "") + "; make room and rerun",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ import checkpoint
 import generate
 import hellaswag
 import runtime
-from config import GPTConfig, TrainConfig, add_config_args, parse_configs
+from config import GPTConfig, TrainConfig, add_config_args, check_values, parse_configs
 from dataloader import DataLoader
 from errors import UserError, run_main
 from model import GPT, count_params, estimate_mfu
@@ -115,8 +115,11 @@ class RunLog:
             return
         if console:
             print(console, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (a failed write does not)
+            raise UserError(f"cannot append to {self.path}: {e.strerror or e}; make room, then continue with --resume")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -206,6 +209,7 @@ def main():
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig):
+    check_values(model_cfg, cfg)
     ctx = runtime.setup_distributed(cfg.device)
     try:
         _train(model_cfg, cfg, ctx)
