@@ -189,9 +189,9 @@ def parse_configs(parser: argparse.ArgumentParser, argv=None):
 
 def main():
     """List the presets with their parameter counts."""
-    import model  # only here: config.py imports nothing of ours at import time
-
     argparse.ArgumentParser(description="List the model presets and their parameter counts.").parse_args()
+    import model  # only here, after --help: config.py imports no torch at import time
+
     print(f"{'preset':<14} {'layers':>6} {'heads':>5} {'n_embd':>6} {'block':>5} {'vocab':>6} {'params':>9}")
     for name, preset in PRESETS.items():
         cfg, _ = make_configs({k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})
