@@ -83,8 +83,8 @@ PRESETS = {
     "tiny": dict(
         n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096,
         data_dir="data/tinytales", out_dir="out/tiny", batch_size=16, total_batch_size=16 * 256,
-        max_steps=1500, learning_rate=2e-3, warmup_steps=50, eval_interval=250, eval_steps=20,
-        hellaswag_interval=0, sample_interval=500, checkpoint_interval=250, log_interval=50,
+        max_steps=250, learning_rate=2e-3, warmup_steps=25, eval_interval=50, eval_steps=10,
+        hellaswag_interval=0, sample_interval=125, checkpoint_interval=50, log_interval=25,
     ),
 }
 

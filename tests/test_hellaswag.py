@@ -1,0 +1,208 @@
+"""hellaswag.py: the packed scorer against transformers, known answers, data loading and checks, the CLI, torchrun."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+import hellaswag
+import tokenizer
+from config import GPTConfig
+from errors import UserError
+from model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+HELLASWAG = REPO.parent / "shared" / "data" / "hellaswag_val.jsonl.gz"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def enc(gpt2_tiktoken):
+    return tokenizer.load_tokenizer(str(gpt2_tiktoken))
+
+
+@pytest.fixture(scope="module")
+def real_examples():
+    if not HELLASWAG.is_file():
+        pytest.skip(f"{HELLASWAG} is absent (it lives next to the repo, not in a fresh clone)")
+    return hellaswag.load_examples(str(HELLASWAG), limit=40)
+
+
+def example(ctx="A man is sitting on a roof. he", endings=("a", "b", "c", "d"), label=0) -> dict:
+    return {"ctx": ctx, "endings": list(endings), "label": label}
+
+
+def write_jsonl(path: Path, lines) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def test_matches_transformers_candidate_by_candidate(hf_gpt2_dir, enc, real_examples):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    ours, _ = checkpoint.load_model(str(hf_gpt2_dir))
+    # Rows that fit the small model's 128 positions whole, so no context is cut and the reference stays plain.
+    fits = [ex for ex in real_examples
+            if len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) <= 128]
+    assert len(fits) >= 30
+    losses, counts = hellaswag.score(ours, enc, fits, CPU, torch.float32, batch_size=3)  # 3: rows of mixed length
+    want = torch.zeros(len(fits), 4)
+    with torch.no_grad():
+        for i, ex in enumerate(fits):
+            ctx = enc.encode(ex["ctx"])
+            for k, ending in enumerate(ex["endings"]):
+                end = enc.encode(" " + ending)
+                logits = hf(torch.tensor([ctx + end])).logits[0, len(ctx) - 1:-1]
+                want[i, k] = F.cross_entropy(logits, torch.tensor(end), reduction="sum")
+                assert counts[i, k] == len(end)
+    torch.testing.assert_close(losses, want, atol=1e-4, rtol=0)
+    assert torch.equal(losses.argmin(1), want.argmin(1))
+    assert torch.equal((losses / counts).argmin(1), (want / counts).argmin(1))
+
+
+def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48)).eval()  # most rows are longer than 48
+    examples = real_examples[:8]
+    packed, counts = hellaswag.score(model, enc, examples, CPU, torch.float32, batch_size=4)
+    plain, plain_counts = hellaswag.score_plain(model, enc, examples, CPU, torch.float32)
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=0)
+    assert torch.equal(counts, plain_counts)
+
+
+def unigram_model(preferred: set) -> GPT:
+    """A model that ignores its input and gives the preferred tokens logit 30, every other token 0."""
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()  # the final hidden state is then ln_f's bias, whatever came in
+        model.transformer.ln_f.bias.copy_(torch.eye(8)[0])
+        model.transformer.wte.weight.zero_()  # tied: these rows are the head
+        model.transformer.wte.weight[sorted(preferred), 0] = 30.0
+    return model
+
+
+def test_known_answers_score_one(enc):
+    examples = [
+        example("The cat sat on the", ["mat.", "purple engine roared loudly", "violin", "volcano erupted"], 0),
+        example("She opened the door and", ["thunder rolled", "walked in.", "algebra homework", "giraffes"], 1),
+        example("He poured the coffee into", ["quantum sandwich", "telescope", "a cup.", "meteor shower falls"], 2),
+        example("The dog chased the", ["bicycle tyre pump", "orange kangaroo", "skyscraper", "ball."], 3),
+    ]
+    preferred = {t for ex in examples for t in enc.encode(" " + ex["endings"][ex["label"]])}
+    wrong = [set(enc.encode(" " + e)) for ex in examples for k, e in enumerate(ex["endings"]) if k != ex["label"]]
+    assert all(tokens - preferred for tokens in wrong)  # every wrong ending has a token the model dislikes
+    result = hellaswag.evaluate(unigram_model(preferred), enc, examples, CPU, torch.float32, batch_size=3)
+    assert result == {"acc": 1.0, "acc_norm": 1.0, "n": 4}
+
+
+def test_bfloat16_autocast_picks_the_same_known_answers(enc):
+    examples = [example("The cat sat on the", ["violin", "purple engine roared", "mat.", "volcano"], 2)]
+    model = unigram_model(set(enc.encode(" mat.")))
+    assert hellaswag.evaluate(model, enc, examples, CPU, torch.bfloat16)["acc_norm"] == 1.0
+
+
+def test_evaluate_restores_training_mode(enc):
+    model = unigram_model({13})
+    model.train()
+    hellaswag.evaluate(model, enc, [example()], CPU, torch.float32)
+    assert model.training
+
+
+def test_load_examples_gz_plain_and_limit(tmp_path):
+    rows = [example(f"context {i}", label=i % 4) | {"ind": i} for i in range(5)]
+    plain = write_jsonl(tmp_path / "val.jsonl", rows)
+    packed = tmp_path / "val.jsonl.gz"
+    packed.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    want = [example(f"context {i}", label=i % 4) for i in range(5)]
+    assert hellaswag.load_examples(plain) == want
+    assert hellaswag.load_examples(str(packed), limit=3) == want[:3]
+
+
+def test_the_real_file_has_all_validation_examples():
+    if not HELLASWAG.is_file():
+        pytest.skip(f"{HELLASWAG} is absent")
+    examples = hellaswag.load_examples(str(HELLASWAG))
+    assert len(examples) == 10042 and examples[0]["label"] == 3
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{not json", "not a JSON line"),
+    (json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"]}), "want an object with keys ctx, endings, label"),
+    (json.dumps(example(endings=["b", "c", "d"])), "list of 4 strings"),
+    (json.dumps(example(label=4)), "label must be an integer 0..3"),
+    (json.dumps(example(label="1")), "label must be an integer 0..3"),
+    (json.dumps(example(ctx="")), "ctx must be a non-empty string"),
+])
+def test_malformed_line_names_its_line(tmp_path, bad, why):
+    path = write_jsonl(tmp_path / "bad.jsonl", [example(), bad])
+    with pytest.raises(UserError, match=rf"bad\.jsonl:2: .*{why}"):
+        hellaswag.load_examples(path)
+
+
+def test_missing_or_empty_file(tmp_path):
+    with pytest.raises(UserError, match="cannot read HellaSwag data .*nope.jsonl"):
+        hellaswag.load_examples(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="holds no examples"):
+        hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
+
+
+def test_download_once_through_a_url(tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "hellaswag_val.jsonl", [example(), example(label=2)])
+    monkeypatch.setattr(hellaswag, "DATA_URL", Path(source).as_uri())
+    cache = tmp_path / "cache"
+    assert hellaswag.load_examples(None, cache_dir=str(cache)) == [example(), example(label=2)]
+    assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]  # no temporary file left behind
+    Path(source).unlink()  # a second load must not need the source
+    assert len(hellaswag.load_examples(None, cache_dir=str(cache))) == 2
+
+
+def test_failed_download_leaves_nothing(tmp_path):
+    with pytest.raises(UserError, match="cannot download .*--data PATH"):
+        hellaswag.download((tmp_path / "absent.jsonl").as_uri(), str(tmp_path / "cache" / "x.jsonl"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def run_cli(*args, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, str(REPO / "hellaswag.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_writes_json_and_respects_limit(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
+    out = tmp_path / "sub" / "result.json"
+    proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 6,
+                   "--device", "cpu", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "n 6 | acc" in proc.stdout and "examples/s" in proc.stdout
+    model, _ = checkpoint.load_model(str(hf_gpt2_dir))
+    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:6], CPU, torch.float32)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp: ["--data", write_jsonl(tmp / "bad.jsonl", [example(), example(label=7)])], "bad.jsonl:2: label"),
+    (lambda tmp: ["--data", tmp / "missing.jsonl"], "cannot read HellaSwag data"),
+    (lambda tmp: ["--checkpoint", tmp], "no checkpoint in"),
+    (lambda tmp: ["--batch-size", 0], "--batch-size must be at least 1"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, make_args, message):
+    good_data = write_jsonl(tmp_path / "good.jsonl", [example()])
+    proc = run_cli("--data", good_data, "--device", "cpu", *make_args(tmp_path))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
+    out = tmp_path / "ddp.json"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 11,
+                   "--device", "cpu", "--out", out, launcher=launcher)  # 11: the two slices differ in size
+    assert proc.returncode == 0, proc.stderr
+    model, _ = checkpoint.load_model(str(hf_gpt2_dir))
+    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:11], CPU, torch.float32)
