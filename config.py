@@ -37,7 +37,7 @@ class TrainConfig:
     data_dir: str = "data/fineweb-edu"  # shards and meta.json written by prepare_data.py
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
     compile: Optional[bool] = None  # torch.compile; default on for CUDA, off elsewhere
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process

@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same samples (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
-                   help="autocast dtype; auto is bfloat16 on CUDA, float32 elsewhere")
+                   help="autocast dtype; auto is bfloat16 where the hardware has it natively (CUDA, AMX/AVX512-BF16 CPUs), else float32")
     p.add_argument("--tokenizer", help="gpt2 or a .tiktoken file; by default the one the checkpoint names")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (slow; to debug)")
     args = p.parse_args(argv)

@@ -241,8 +241,8 @@ def main():
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the download is kept (default: "
                         f"{DEFAULT_CACHE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="autocast dtype: auto (bfloat16 on CUDA, float32 "
-                        "elsewhere), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="autocast dtype: auto (bfloat16 where the hardware has "
+                        "it natively: CUDA, AMX/AVX512-BF16 CPUs; else float32), float32, bfloat16")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per forward (default: 4)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N examples (default: all)")
     parser.add_argument("--out", default=None, help="also write {acc, acc_norm, n} to this JSON file")

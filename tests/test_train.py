@@ -73,7 +73,7 @@ def read_log(out: Path, key: str) -> dict:
     return {r["step"]: r[key] for r in records if key in r}
 
 
-SMALL = ["--device", "cpu", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
+SMALL = ["--device", "cpu", "--dtype", "float32", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
          "--pad-vocab-multiple", 1, "--log-interval", 1, "--eval-interval", 0, "--hellaswag-interval", 0,
          "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3]
 
