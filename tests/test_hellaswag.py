@@ -176,7 +176,7 @@ def run_cli(*args, launcher=(sys.executable,)):
 def test_cli_writes_json_and_respects_limit(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
     out = tmp_path / "sub" / "result.json"
     proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 6,
-                   "--device", "cpu", "--out", out)
+                   "--device", "cpu", "--dtype", "float32", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "n 6 | acc" in proc.stdout and "examples/s" in proc.stdout
     model, _ = checkpoint.load_model(str(hf_gpt2_dir))
@@ -201,8 +201,9 @@ def test_cli_user_errors_are_one_line(tmp_path, make_args, message):
 def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
     out = tmp_path / "ddp.json"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    # 11 examples, so the two processes' slices differ in size.
     proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 11,
-                   "--device", "cpu", "--out", out, launcher=launcher)  # 11: the two slices differ in size
+                   "--device", "cpu", "--dtype", "float32", "--out", out, launcher=launcher)
     assert proc.returncode == 0, proc.stderr
     model, _ = checkpoint.load_model(str(hf_gpt2_dir))
     assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:11], CPU, torch.float32)
