@@ -24,7 +24,7 @@ help:
 	@echo "             print samples and write $(OUT)/loss.png; run again, it reuses all that and is quick"
 	@echo "             (extra train.py flags: make demo TRAIN_ARGS='--max-steps 300')"
 	@echo "make test    install requirements-test.txt into .venv and run the tests (python -m pytest -q)"
-	@echo "make clean   delete out/ and data/ (every run and prepared dataset) and caches; .venv stays"
+	@echo "make clean   delete the demo's $(OUT) and $(DATA) and caches; other runs, datasets and .venv stay"
 	@echo "make help    this list"
 
 $(PY):
@@ -32,8 +32,8 @@ $(PY):
 
 # The stamps are newer than the requirements they installed: a second make installs nothing.
 .venv/.requirements.stamp: requirements.txt | $(PY)
-	@if $(PY) -c "import torch" 2>/dev/null; then \
-		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') is in .venv: kept"; \
+	@if v=$$($(PY) -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null); then \
+		echo "torch $$v is in .venv: kept"; \
 	elif $(PIP) install -q --no-index --no-deps "$(TORCH_LOCAL)" >/dev/null 2>&1; then \
 		echo "installed $(TORCH_LOCAL) from local disk (its dependencies from the index)"; \
 		$(PIP) install -q "$(TORCH_LOCAL)"; \
@@ -67,4 +67,4 @@ test: .venv/.requirements-test.stamp
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf out data wandb .pytest_cache .ruff_cache __pycache__ tests/__pycache__
+	rm -rf $(OUT) $(DATA) .pytest_cache __pycache__ tests/__pycache__
