@@ -1,0 +1,597 @@
+"""Benchmark the kit's hot paths on this machine and write the figures, with the command that made them, to
+BENCHMARKS.md.
+
+    python bench.py                               # every section at full size (see BENCHMARKS.md for how long)
+    python bench.py --quick                       # tiny sizes, about a minute: a smoke test of the benchmark
+    python bench.py --only generate,hellaswag     # a subset; the other sections of the file are kept
+    python bench.py --threads 1                   # on a machine busy with other work (see BENCHMARKS.md)
+
+Every figure is the median of timed repeats after a warm-up, with its spread (min-max), beside a baseline timed
+in the same run: the candidates take turns repeat by repeat, so a change in the machine's load slows them
+alike and their ratio holds on a busy machine. Nothing here is a test; a missed target just reads "no".
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+
+import checkpoint
+import export_hf
+import hellaswag
+import prepare_data
+import runtime
+from config import PRESETS, GPTConfig, TrainConfig
+from dataloader import DataLoader, write_shard
+from errors import UserError, run_main
+from model import GPT, estimate_mfu
+from tinytales import generate_stories
+from tokenizer import load_tokenizer, train_tokenizer
+from train import build_optimizer, evaluate_loss, lr_at
+
+HERE = Path(__file__).resolve().parent
+SHARED_DATA = HERE.parent / "shared" / "data"  # read-only data beside the repo; absent in a fresh clone
+MB = 2**20
+
+
+# ---------------------------------------------------------------- timing, memory, rows
+
+@dataclass
+class Stat:
+    first: float  # seconds of the first call: compilation, allocation, caches
+    times: list  # seconds of each timed repeat
+    mem: Optional[float] = None  # most memory a timed repeat added to what was in use before it, bytes
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def rate(self, work: float) -> float:
+        return work / self.median
+
+    def spread(self, work: float) -> str:
+        return f"{num(work / max(self.times))}-{num(work / min(self.times))}"
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    spread: str = ""
+    details: str = ""
+    ratio: str = ""
+    target: str = ""
+    meets: Optional[bool] = None  # None: no target
+
+
+def num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def judged(ratio: float, target: float) -> dict:
+    return dict(ratio=f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.2f}x", target=f">= {target:g}x",
+                meets=ratio >= target)
+
+
+class Bench:
+    """What every section shares: the device, the sizes (full or --quick), a scratch folder, lazily built data."""
+
+    def __init__(self, args):
+        self.device = runtime.pick_device(args.device)
+        self.quick = args.quick
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+        # Compile times from an empty cache, as a first run sees them, not from whatever the last run left.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.tmp / "inductor")
+        self.memo = {}
+
+    def q(self, full, quick):
+        return quick if self.quick else full
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def memory_now(self) -> Optional[int]:
+        """Bytes in use now, after forgetting the peak so far: allocated on CUDA, resident (RSS) on Linux CPUs."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # Linux: reset VmHWM (the peak RSS) to the current RSS
+            return proc_status(os.getpid(), "VmRSS")
+        except OSError:  # not Linux: no per-step peak on this platform
+            return None
+
+    def memory_peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return proc_status(os.getpid(), "VmHWM")
+
+    def interleaved(self, fns: dict, warmup: int, repeats: int) -> dict:
+        """{name: Stat} of each fn called warmup + repeats times, the fns taking turns call by call."""
+        times, mems = {k: [] for k in fns}, {k: [] for k in fns}
+        for _ in range(warmup + repeats):
+            for k, fn in fns.items():
+                before = self.memory_now()
+                start = time.perf_counter()
+                fn()
+                self.sync()
+                times[k].append(time.perf_counter() - start)
+                mems[k].append(None if before is None else self.memory_peak() - before)
+        return {k: Stat(t[0], t[warmup:], None if mems[k][0] is None else max(mems[k][warmup:]))
+                for k, t in times.items()}
+
+    def markov_data(self) -> str:
+        """A data folder (shards + meta.json) of a random first-order Markov chain: learnable, and cheap to make."""
+        if "markov" not in self.memo:
+            folder = self.tmp / "markov"
+            folder.mkdir()
+            vocab, rng = 512, np.random.default_rng(0)
+            cum = rng.dirichlet(np.full(vocab, 0.1), size=vocab).cumsum(axis=1)
+
+            def chains(n, width=256):  # width independent chains, stepped together, laid end to end
+                state, out = rng.integers(vocab, size=width), np.empty((n // width + 1, width), np.uint16)
+                for t in range(len(out)):
+                    out[t] = state
+                    state = np.minimum((cum[state] < rng.random(width)[:, None]).sum(axis=1), vocab - 1)
+                return out.T.reshape(-1)[:n]
+
+            write_shard(str(folder / "train_000000.bin"), chains(self.q(1_500_000, 100_000)))
+            write_shard(str(folder / "val_000000.bin"), chains(self.q(100_000, 20_000)))
+            (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": vocab, "eot": 0}))
+            self.memo["markov"] = str(folder)
+        return self.memo["markov"]
+
+    def gpt2_tokenizer(self) -> str:
+        """GPT-2's ranks from the shared data folder when present (offline), else tiktoken's (downloaded once)."""
+        path = SHARED_DATA / "gpt2.tiktoken"
+        return str(path) if path.is_file() else "gpt2"
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+# ---------------------------------------------------------------- 1. training step
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
+
+
+class Trainer:
+    """One setting (dtype, compile) of one model: step() is one iteration of train.py's loop, micro batch = batch."""
+
+    def __init__(self, b: Bench, cfg: GPTConfig, batch: int, init: dict, dtype, compile_on: bool, tcfg):
+        self.b, self.dtype, self.tcfg = b, dtype, tcfg
+        self.raw = GPT(cfg).to(b.device)
+        self.raw.load_state_dict(init)
+        self.model = torch.compile(self.raw) if compile_on else self.raw
+        self.optimizer = build_optimizer(self.raw, tcfg, b.device)
+        self.loader = DataLoader(b.markov_data(), "train", batch, cfg.block_size)
+        self.step_count = 0
+
+    def step(self):
+        x, y = (t.to(self.b.device) for t in self.loader.next_batch())
+        with runtime.autocast(self.b.device, self.dtype):
+            _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.tcfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_count, self.tcfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return loss.item()
+
+    def val_loss(self) -> float:
+        loader = DataLoader(self.b.markov_data(), "val", self.loader.B, self.loader.T)
+        return evaluate_loss(self.raw, loader, 4, self.b.device, torch.float32, 1)  # fp32 for every setting
+
+
+def train_settings(b: Bench, fields: dict, batch: int, settings: list, warmup: int, repeats: int):
+    """Train every setting from the same init on the same batches, steps interleaved; (cfg, stats, val losses)."""
+    cfg = GPTConfig(**fields)
+    tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=5, max_steps=warmup + repeats)
+    torch.manual_seed(0)
+    init = GPT(cfg).state_dict()
+    trainers = {(dtype, comp): Trainer(b, cfg, batch, init, dtype, comp, tcfg) for dtype, comp in settings}
+    stats = b.interleaved({k: t.step for k, t in trainers.items()}, warmup, repeats)
+    return cfg, stats, {k: t.val_loss() for k, t in trainers.items()}
+
+
+def train_shapes(b: Bench) -> dict:
+    tiny = {k: v for k, v in PRESETS["tiny"].items() if k in GPTConfig.__dataclass_fields__}
+    shapes = {  # name: (model fields, micro batch)
+        "tiny preset": (tiny, PRESETS["tiny"]["batch_size"]),
+        "6x384 reference": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304), 8),
+        "GPT-2 124M, block 256": (dict(PRESETS["gpt2"], block_size=256, vocab_size=50257), 4),
+    }
+    if b.quick:  # the same code paths on a model of a few thousand weights (and the real vocabularies)
+        shapes = {k: (dict(f, n_layer=1, n_head=2, n_embd=64, block_size=32), 2) for k, (f, _) in shapes.items()}
+    return shapes
+
+
+def bench_train(b: Bench):
+    dtypes = [torch.float32, torch.bfloat16]
+    settings = [(d, c) for c in ([False] if b.quick else [False, True]) for d in dtypes]
+    # The best of a few tries: on a busy machine a single one understates what the device can do.
+    peak = {d: max(runtime.measure_matmul_flops(b.device, d, *b.q((2048, 1.0), (512, 0.1))) for _ in range(3))
+            for d in dtypes}
+    datasheet = {d: runtime.peak_flops(b.device, d) for d in dtypes} if b.device.type == "cuda" else {}
+    for d in dtypes:
+        yield Row(f"matmul peak, {DTYPE_NAMES[d]}", f"{peak[d] / 1e9:,.0f} GFLOP/s",
+                  details=f"measured ({'512' if b.quick else '2048'}^3 matmul); MFU below is against it",
+                  ratio="" if d == torch.float32 else f"{peak[d] / peak[torch.float32]:.1f}x fp32")
+    if b.quick:
+        print("train: --quick leaves out torch.compile (compiling takes minutes on a few cores)")
+    for shape, (fields, batch) in train_shapes(b).items():
+        reference = shape.startswith("6x384")  # the baseline of the targets
+        warmup, repeats = b.q((4, 20) if reference else (3, 6), (1, 3))
+        cfg, stats, val = train_settings(b, fields, batch, settings, warmup, repeats)
+        tokens = batch * cfg.block_size
+        base = stats[(torch.float32, False)].rate(tokens)
+        for (dtype, comp), st in stats.items():
+            tps = st.rate(tokens)
+            mfu = [f"MFU {estimate_mfu(cfg, cfg.block_size, tps, peak[dtype]):.1%} of measured peak"]
+            if datasheet:
+                mfu.append(f"{estimate_mfu(cfg, cfg.block_size, tps, datasheet[dtype]):.1%} of datasheet")
+            mem = f"step peak +{st.mem / MB:,.0f} MB" if st.mem is not None else ""
+            compiled = f"compile + first step {st.first:.0f} s (excluded; empty cache)" if comp else ""
+            details = "; ".join(filter(None, [*mfu, mem, f"val loss {val[(dtype, comp)]:.3f}", compiled]))
+            name = f"{shape}: {DTYPE_NAMES[dtype]}, {'compiled' if comp else 'eager'}"
+            row = Row(name, f"{num(tps)} tok/s", st.spread(tokens), details, f"{tps / base:.2f}x")
+            if reference and not comp and dtype == torch.float32:
+                row.target = ">= 650 tok/s (a well-written fp32 GPT on the 2-core dev CPU, quiet)"
+                row.meets = None if b.quick else tps >= 650
+            yield row
+        best = max(stats, key=lambda k: stats[k].rate(tokens))
+        best_name = f"{DTYPE_NAMES[best[0]]}, {'compiled' if best[1] else 'eager'}"
+        ratio = stats[best].rate(tokens) / base
+        yield Row(f"{shape}: best ({best_name}) over fp32 eager", f"{num(stats[best].rate(tokens))} tok/s",
+                  details=f"{batch} x {cfg.block_size} tokens per step",
+                  **(judged(ratio, 2) if reference else dict(ratio=f"{ratio:.2f}x")))
+        if reference:
+            v0, v1 = val[(torch.float32, False)], val[best]
+            yield Row(f"{shape}: equal loss, {warmup + repeats} steps, same init and batches",
+                      f"{v1:.4f} vs {v0:.4f}", details=f"val loss (fp32 eval) of {best_name} vs fp32 eager",
+                      ratio=f"{v1 / v0:.4f}", target="within 1%", meets=abs(v1 / v0 - 1) <= 0.01)
+        if shape == "tiny preset":
+            b.memo["tiny_steps_per_sec"] = stats[best].rate(1)
+
+
+# ---------------------------------------------------------------- 2. data loading
+
+def bench_data(b: Bench):
+    fields, batch = train_shapes(b)["tiny preset"]
+    if b.memo.get("tiny_steps_per_sec") is None:  # the train section did not run: time the tiny step now
+        settings = [(torch.float32, False), (torch.bfloat16, False)]
+        _, stats, _ = train_settings(b, fields, batch, settings, 2, b.q(5, 2))
+        b.memo["tiny_steps_per_sec"] = max(s.rate(1) for s in stats.values())
+    demand = b.memo["tiny_steps_per_sec"]
+    loader = DataLoader(b.markov_data(), "train", batch, fields["block_size"])
+    calls = b.q(500, 50)
+    st = b.interleaved({"load": lambda: [loader.next_batch() for _ in range(calls)]}, 1, b.q(7, 3))["load"]
+    rate = st.rate(calls)
+    yield Row(f"DataLoader.next_batch, {batch} x {fields['block_size']} tokens", f"{num(rate)} batches/s",
+              st.spread(calls), f"the tiny preset's fastest step consumes {demand:.3g} batches/s",
+              **judged(rate / demand, 100))
+
+
+# ---------------------------------------------------------------- 3. prepare_data
+
+def bench_prepare(b: Bench):
+    docs = list(generate_stories(b.q(2_000_000, 400_000), seed=0))
+    spec = b.gpt2_tokenizer()
+    if spec == "gpt2" and not tiktoken_gpt2_cached():  # offline and no shared copy: train tinytales' tokenizer
+        spec = str(b.tmp / "tinytales.tiktoken")
+        train_tokenizer(iter(docs), 4096, spec)
+    enc = load_tokenizer(spec)
+    n_tokens = sum(map(len, enc.encode_ordinary_batch(docs)))
+    cores = os.cpu_count()
+    corpus, one = b.tmp / "docs.jsonl", b.tmp / "one.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    one.write_text(json.dumps({"text": docs[0]}) + "\n")
+
+    def cli(workers, source):  # the real script in its own process: its spawned workers import only it
+        cmd = [sys.executable, "prepare_data.py", "--input", str(source), "--out", str(b.tmp / "prepared"),
+               "--tokenizer", spec, "--workers", str(workers), "--val-tokens", "0", "--overwrite"]
+        return lambda: run(cmd)
+
+    fns = {"batch": lambda: enc.encode_ordinary_batch(docs), "loop": lambda: [enc.encode_ordinary(d) for d in docs]}
+    for workers in sorted({1, cores}):
+        fns[workers], fns[(workers, "one")] = cli(workers, corpus), cli(workers, one)
+    stats = b.interleaved(fns, 1, b.q(3, 2))
+    base, loop = stats["batch"].rate(n_tokens), stats["loop"].rate(n_tokens)
+    size = f"{sum(map(len, docs)) / MB:.1f} MB of tinytales, {n_tokens:,} tokens ({Path(spec).stem})"
+    yield Row("tiktoken encode_ordinary_batch, in one process (baseline)", f"{num(base)} tok/s",
+              stats["batch"].spread(n_tokens), size)
+    yield Row("tiktoken encode_ordinary, one document at a time, one thread", f"{num(loop)} tok/s",
+              stats["loop"].spread(n_tokens), "the speed of one core: the workers' ceiling is cores x this",
+              f"{loop / base:.2f}x")
+    for workers in sorted({1, cores}):
+        full, fixed = stats[workers], stats[(workers, "one")]
+        # Throughput: the time of the corpus less the fixed cost, measured as the time of a single document.
+        net = Stat(0, [a - c for a, c in zip(full.times, fixed.times)])
+        name = f"python prepare_data.py --input, {workers} worker{'s' if workers > 1 else ''}"
+        if min(net.times) <= 0:  # a corpus too small (--quick) to tell from the noise in the fixed cost
+            yield Row(name, "n/a", details=f"fixed cost {fixed.median:.2f} s, more than the corpus itself")
+            continue
+        yield Row(name, f"{num(net.rate(n_tokens))} tok/s", net.spread(n_tokens),
+                  f"end to end {num(full.rate(n_tokens))} tok/s, of which {fixed.median:.2f} s fixed cost "
+                  f"(start-up, tokenizer, one document); {net.rate(n_tokens) / loop:.2f}x one core, out of a "
+                  f"possible {workers}x",
+                  **judged(net.rate(n_tokens) / base, 0.8 if workers == 1 else 0.5 * workers))
+
+
+def run(cmd: list):
+    result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:3])} failed: {result.stderr.strip()[-1000:]}")
+
+
+def tiktoken_gpt2_cached() -> bool:
+    try:
+        load_tokenizer("gpt2")
+        return True
+    except UserError:
+        return False
+
+
+# ---------------------------------------------------------------- 4. generation
+
+def bench_generate(b: Bench):
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    new = b.q(256, 16)
+    enc = load_tokenizer(b.gpt2_tokenizer())
+    prompt = torch.tensor([enc.encode("Once upon a time")], device=b.device)
+    shapes = {"6x384": dict(n_layer=6, n_head=6, n_embd=384), "GPT-2 124M": dict(n_layer=12, n_head=12, n_embd=768)}
+    if b.quick:
+        shapes = {"2x64": dict(n_layer=2, n_head=2, n_embd=64)}
+    for shape, fields in shapes.items():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**fields, block_size=1024, vocab_size=50257)).to(b.device).eval()
+        folder = b.tmp / f"hf-{shape.replace(' ', '')}"
+        export_hf.export(checkpoint.save_checkpoint(str(b.tmp / "ckpt"), 0, model, "gpt2"), str(folder))
+        hf = GPT2LMHeadModel.from_pretrained(folder).to(b.device).eval()
+        hf.generation_config.eos_token_id = None  # random weights may well pick <|endoftext|>: keep going
+        hf.generation_config.pad_token_id = enc.eot_token
+        out, labels = {}, {True: "ours cached", False: "ours uncached", "hf": "transformers"}
+
+        def ours(use_cache):
+            steps = model.generate(prompt, new, temperature=0.0, use_cache=use_cache)
+            out[use_cache] = torch.stack(list(steps), dim=1)
+
+        def theirs():
+            ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False)
+            out["hf"] = ids[:, prompt.shape[1]:]
+
+        fns = {"cache": lambda: ours(True), "hf": theirs}
+        if shape != "GPT-2 124M":  # without a cache 124M takes minutes per run: timed on the small model only
+            fns["nocache"] = lambda: ours(False)
+        stats = b.interleaved(fns, 1, b.q(3, 2))
+        cache = stats["cache"].rate(new)
+        same = all(torch.equal(out[True], tokens) for tokens in out.values())
+        what = f"{shape}, greedy, {new} new tokens, batch 1, fp32"
+        yield Row(f"{what}: ours, KV cache", f"{num(cache)} tok/s", stats["cache"].spread(new))
+        if "nocache" in stats:
+            yield Row(f"{what}: ours, no cache (baseline)", f"{num(stats['nocache'].rate(new))} tok/s",
+                      stats["nocache"].spread(new), ratio=f"{cache / stats['nocache'].rate(new):.2f}x")
+        yield Row(f"{what}: transformers generate (baseline)", f"{num(stats['hf'].rate(new))} tok/s",
+                  stats["hf"].spread(new), f"GPT2LMHeadModel, same weights via export_hf; identical tokens "
+                  f"({', '.join(labels[k] for k in out)}): {'yes' if same else 'NO'}",
+                  **judged(cache / stats["hf"].rate(new), 2))
+
+
+# ---------------------------------------------------------------- 5. HellaSwag
+
+def bench_hellaswag(b: Bench):
+    n = b.q(32, 4)
+    path = SHARED_DATA / "hellaswag_val.jsonl.gz"
+    examples = hellaswag.load_examples(str(path) if path.is_file() else None, limit=n)
+    enc = load_tokenizer(b.gpt2_tokenizer())
+    fields = b.q(dict(n_layer=12, n_head=12, n_embd=768), dict(n_layer=2, n_head=2, n_embd=64))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**fields, block_size=1024, vocab_size=50257)).to(b.device).eval()
+    out = {}
+    fns = {"batched": lambda: out.update(batched=hellaswag.score(model, enc, examples, b.device, torch.float32)),
+           "plain": lambda: out.update(plain=hellaswag.score_plain(model, enc, examples, b.device, torch.float32))}
+    stats = b.interleaved(fns, 1, b.q(3, 2))
+    (lb, cb), (lp, cp) = out["batched"], out["plain"]
+    agree = [int(((lb / cb).argmin(1) == (lp / cp).argmin(1)).sum()), int((lb.argmin(1) == lp.argmin(1)).sum())]
+    what = f"{'GPT-2 124M' if not b.quick else '2x64'} shape, {n} real validation examples, fp32"
+    yield Row(f"hellaswag.score, 4 examples per forward ({what})", f"{num(stats['batched'].rate(n))} ex/s",
+              stats["batched"].spread(n), f"same predictions as plain: acc_norm {agree[0]}/{n}, acc {agree[1]}/{n}; "
+              f"largest loss difference {(lb - lp).abs().max():.2g}",
+              **judged(stats["batched"].rate(n) / stats["plain"].rate(n), 3))
+    yield Row("hellaswag.score_plain, one forward per candidate (baseline)", f"{num(stats['plain'].rate(n))} ex/s",
+              stats["plain"].spread(n))
+
+
+# ---------------------------------------------------------------- 6. memory of a long run
+
+def bench_memory(b: Bench):
+    early, late = b.q((100, 2000), (20, 200))
+    out = b.tmp / "memory-run"
+    cmd = [sys.executable, "train.py", "--config", "tiny", "--device", "cpu", "--data-dir", b.markov_data(),
+           "--out-dir", str(out), "--n-layer", "2", "--n-head", "4", "--n-embd", "128", "--block-size", "128",
+           "--batch-size", "8", "--total-batch-size", "1024", "--max-steps", str(late + 50), "--log-interval", "10",
+           "--eval-interval", str(late // 4), "--eval-steps", "5", "--checkpoint-interval", str(late // 2),
+           "--sample-interval", "0", "--dtype", "float32", "--compile", "false"]
+    marks = [early] + [late * i // 4 for i in range(1, 5)]  # a steady climb is a leak; a single step is not
+    rss, step, seen = {}, 0, 0
+    started = time.perf_counter()
+    with open(b.tmp / "memory-run.err", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=err)
+        log = out / "log.jsonl"
+        while proc.poll() is None:
+            if log.is_file():  # the newest step logged; only whole lines
+                text = log.read_text()
+                lines = text[:text.rfind("\n") + 1].splitlines()
+                step = max([step] + [json.loads(line)["step"] for line in lines[seen:]])
+                seen = len(lines)
+            try:
+                now = proc_status(proc.pid, "VmRSS")
+            except (OSError, AttributeError):  # the process is exiting
+                break
+            rss.update({mark: now for mark in marks if step >= mark and mark not in rss})
+            time.sleep(0.02)
+        if proc.wait() != 0 or len(rss) < len(marks):
+            err.seek(0)
+            raise RuntimeError(f"the training run failed: {err.read()[-2000:]}")
+    growth = (rss[late] - rss[early]) / MB
+    yield Row(f"RSS of train.py, tiny preset shrunk (2x128, block 128), step {early} -> {late}",
+              f"{rss[early] / MB:,.1f} -> {rss[late] / MB:,.1f} MB", details=f"CPU, fp32; eval every "
+              f"{late // 4} steps, checkpoint every {late // 2}; RSS at steps {', '.join(map(str, marks))}: "
+              f"{', '.join(f'{rss[m] / MB:,.1f}' for m in marks)} MB; {time.perf_counter() - started:.0f} s in all",
+              ratio=f"{growth:+.1f} MB", target="growth < 5 MB", meets=growth < 5)
+
+
+# ---------------------------------------------------------------- the report
+
+SECTIONS = {  # name: (title, function)
+    "train": ("Training step", bench_train),
+    "data": ("Data loading", bench_data),
+    "prepare": ("prepare_data tokenization", bench_prepare),
+    "generate": ("Generation", bench_generate),
+    "hellaswag": ("HellaSwag scoring", bench_hellaswag),
+    "memory": ("Memory of a long run", bench_memory),
+}
+
+INTRO = """# Benchmarks
+
+Written by `python bench.py`; each section below names the command, machine and date that produced it.
+
+How to rerun:
+
+- `python bench.py`: every section at full size (about 30 minutes on the 2-core dev machine).
+- `python bench.py --only NAME[,NAME]`: some sections ({names}); the others in this file are kept.
+- `python bench.py --quick`: tiny sizes in about a minute, to check that the benchmark itself works; its figures
+  say nothing about speed.
+- `--threads N` sets torch's threads (default: one per core). On a machine busy with other work use fewer threads
+  than cores: OpenMP threads spin-waiting for each other made steps 10x slower and worse on a loaded 2-core box.
+- `--device`, `--out`: see `python bench.py --help`.
+
+Method: every figure is the median of timed repeats after a warm-up, with its spread (min-max). Warm-up excludes
+compilation (reported on its own, from an empty inductor cache) and first-call allocation. Every ratio is against
+a baseline timed in the same run, the two taking turns repeat by repeat, so a change of load hits both alike.
+"meets target" is a yes/no reading; nothing here is a test.
+
+"""
+
+
+def environment(b: Bench) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, AttributeError):
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"^model name\s*:\s*(.*)$", info, re.M).group(1)
+        flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M).group(1).split()
+        cpu += " (AMX bf16)" if "amx_bf16" in flags else " (AVX-512 bf16)" if "avx512_bf16" in flags else ""
+    device = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else str(b.device)
+    return {"date": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "device": device,
+            "CPU": f"{cpu}, {os.cpu_count()} cores", "torch threads": str(torch.get_num_threads()),
+            "torch": torch.__version__, "sizes": "--quick (not figures of speed)" if b.quick else "full"}
+
+
+def table(header: list, rows: list) -> list:
+    return [f"| {' | '.join(cells)} |" for cells in [header, ["---"] * len(header), *rows]]
+
+
+def section_markdown(title: str, command: str, env: dict, rows: list) -> str:
+    lines = [f"## {title}", "", *table(["command", *env], [[f"`{command}`", *env.values()]]), "",
+             *table(["measurement", "median", "spread (min-max)", "details", "ratio", "target", "meets target"],
+                    [[r.name, r.value, r.spread, r.details, r.ratio, r.target,
+                      "" if r.meets is None else "yes" if r.meets else "no"] for r in rows])]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: str, blocks: dict):
+    """Replace the sections run in path's markdown, keep the others; atomically (a reader sees old or new)."""
+    old = Path(path).read_text() if os.path.isfile(path) else ""
+    kept = dict(re.findall(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->", old, re.S))
+    kept.update(blocks)
+    text = INTRO.format(names=", ".join(SECTIONS)) + "\n".join(
+        f"<!-- bench:{name} -->\n{kept[name]}<!-- /bench:{name} -->\n" for name in SECTIONS if name in kept)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def print_row(section: str, r: Row):
+    meets = "" if r.meets is None else " | meets target" if r.meets else " | MISSES target"
+    print(f"{section:9} {r.name}: {r.value}" + (f" [{r.spread}]" if r.spread else "")
+          + (f" | {r.ratio}" if r.ratio else "") + meets, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute: a smoke test")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of "
+                                                              f"{','.join(SECTIONS)})")
+    p.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise UserError(f"--only {args.only}: unknown section(s) {', '.join(unknown)}; "
+                        f"choose from {', '.join(SECTIONS)}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory section's training subprocess
+    b = Bench(args)
+    command = " ".join(["python bench.py", *(argv if argv is not None else sys.argv[1:])])
+    env = environment(b)
+    print(" | ".join(f"{k} {v}" for k, v in env.items()))
+    blocks, failed = {}, []
+    try:
+        for name in sorted(names, key=list(SECTIONS).index):  # data reuses the train section's step rate
+            title, fn = SECTIONS[name]
+            start, rows = time.perf_counter(), []
+            try:
+                for r in fn(b):  # printed as they come: a full section takes minutes
+                    r.meets = None if b.quick else r.meets  # tiny sizes say nothing about the targets
+                    rows.append(r)
+                    print_row(name, r)
+            except Exception as e:  # one broken section should not cost the others' figures
+                traceback.print_exc()
+                failed.append(name)
+                rows.append(Row("FAILED", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                print_row(name, rows[-1])
+            print(f"{name:9} ({time.perf_counter() - start:.0f} s)", flush=True)
+            blocks[name] = section_markdown(title, command, env, rows)
+        write_report(args.out, blocks)
+        print(f"wrote {args.out}")
+    finally:
+        shutil.rmtree(b.tmp, ignore_errors=True)
+    if failed:
+        raise UserError(f"section(s) {', '.join(failed)} failed; see {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

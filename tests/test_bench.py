@@ -1,0 +1,32 @@
+"""bench.py: --quick runs every section end to end and writes BENCHMARKS.md; --only keeps the other sections.
+No figure is checked: timings prove nothing on a shared machine."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_replaces_its_sections_and_keeps_the_others(tmp_path):
+    out = str(tmp_path / "B.md")
+    bench.write_report(out, {"train": "train v1\n", "memory": "memory v1\n"})
+    bench.write_report(out, {"memory": "memory v2\n", "data": "data v1\n"})
+    text = Path(out).read_text()
+    assert "train v1" in text and "memory v2" in text and "data v1" in text and "memory v1" not in text
+    assert text.index("train v1") < text.index("data v1") < text.index("memory v2")  # in SECTIONS order
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
+    out = tmp_path / "B.md"
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    for name in bench.SECTIONS:
+        assert f"<!-- bench:{name} -->" in text
+    assert "FAILED" not in text and "tok/s" in text
