@@ -485,7 +485,7 @@ Written by `python bench.py`; each section below names the command, machine and 
 
 How to rerun:
 
-- `python bench.py`: every section at full size (about 30 minutes on the 2-core dev machine).
+- `python bench.py`: every section at full size (12 minutes on the 2-core dev machine when quiet, 20-30 busy).
 - `python bench.py --only NAME[,NAME]`: some sections ({names}); the others in this file are kept.
 - `python bench.py --quick`: tiny sizes in about a minute, to check that the benchmark itself works; its figures
   say nothing about speed.
