@@ -10,7 +10,6 @@ half-written checkpoint that could be taken for the newest.
 import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Optional
 
@@ -21,13 +20,12 @@ from safetensors.torch import load_file, save_file
 from config import GPTConfig
 from errors import UserError
 from model import GPT
-
-CKPT_RE = re.compile(r"^ckpt_(\d+)$")
-
+from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
 
 def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_state: Optional[dict] = None,
-                    keep: int = 0) -> str:
-    """Write ckpt_<step> into out_dir atomically; keep only the newest `keep` (0 keeps all). Returns its path."""
+                    keep: int = 0, protect: tuple = (), run_id: Optional[str] = None) -> str:
+    """Write ckpt_<step> into out_dir atomically; keep only the newest `keep` (0 keeps all) and those at the steps
+    in `protect`. Returns its path."""
     final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = os.path.join(out_dir, f".ckpt_{step:07d}.tmp-{os.getpid()}")
     try:
@@ -43,6 +41,8 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
                 shutil.copyfile(sidecar, os.path.join(tmp, "tokenizer.json"))
             tokenizer = "tokenizer.tiktoken"
         meta = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer, "step": step}
+        if run_id is not None:  # which run wrote it: ranks of a multi-node resume check they read the same one
+            meta["run_id"] = run_id
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
         if train_state is not None:
@@ -62,29 +62,8 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {_os_reason(e)}; make room or choose another --out-dir "
                         f"(earlier checkpoints are intact)")
-    _prune(out_dir, keep)
+    prune(out_dir, keep, protect)
     return final
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints in out_dir, oldest first. Temporary folders never match the name pattern."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if CKPT_RE.match(n)]
-    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(CKPT_RE.match(n).group(1)))]
-
-
-def find_checkpoint(path: str) -> str:
-    """path itself if it is a checkpoint, else the newest checkpoint in it or in its run folders."""
-    if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    found = list_checkpoints(path)
-    if os.path.isdir(path):
-        for sub in sorted(os.listdir(path)):
-            found += list_checkpoints(os.path.join(path, sub))
-    if not found:
-        raise UserError(f"no checkpoint in {path}: train one with train.py, or name one with --checkpoint DIR")
-    return max(found, key=os.path.getmtime)
 
 
 def load_model(source: str, device="cpu") -> tuple[GPT, str]:
@@ -151,15 +130,6 @@ def _is_hf_folder(path: str) -> bool:
             return "n_layer" in json.load(f)  # HF GPT-2 keeps fields at the top; ours nest them under "model"
     except (OSError, ValueError):
         return False
-
-
-def _prune(out_dir: str, keep: int):
-    if keep > 0:
-        for path in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
-    for name in os.listdir(out_dir):  # leftovers of saves killed half-way
-        if name.startswith(".ckpt_"):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def _os_reason(e: BaseException) -> str:

@@ -44,8 +44,11 @@ class TrainConfig:
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
     max_steps: int = 19073  # one epoch of fineweb-edu 10B at 524,288 tokens per step
     learning_rate: float = 6e-4
-    min_lr: Optional[float] = None  # floor of the cosine; default 10% of learning_rate
+    min_lr: Optional[float] = None  # where the decay ends; default 10% of learning_rate
     warmup_steps: int = 715
+    lr_schedule: str = "cosine"  # cosine (GPT-2, nanoGPT) or wsd: warmup, stable, then a linear decay at the end
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays; a run extends from before that
+    allow_lr_change: bool = False  # resume although the new schedule moves the learning rate at the resume step
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -62,7 +65,9 @@ class TrainConfig:
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest checkpoint in out_dir
-    shuffle: bool = False  # shuffle the shard order each epoch (seeded)
+    resume_step: Optional[int] = None  # with --resume: from this step's checkpoint; later ones are moved aside
+    overwrite: bool = False  # a fresh run into a folder holding an older run deletes that run's checkpoints and log
+    shuffle: Optional[bool] = None  # a seeded order of all block-sized windows each epoch; default: meta.json's
     wandb: bool = False
     wandb_project: str = "gpt-pretrain"
     wandb_run_name: Optional[str] = None
@@ -148,6 +153,10 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
                         f"gets n_embd / n_head channels; change one of them")
     if not 0 <= model_cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
+    if train_cfg.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"lr_schedule must be cosine or wsd, got {train_cfg.lr_schedule!r}")
+    if not 0 <= train_cfg.decay_fraction <= 1:
+        raise UserError(f"decay_fraction must be in [0, 1], got {train_cfg.decay_fraction}")
 
 
 def _parse_bool(text: str) -> bool:
@@ -177,12 +186,15 @@ def add_config_args(parser: argparse.ArgumentParser):
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv=None):
-    """Parse argv into (GPTConfig, TrainConfig, args); unknown options are one clear error."""
+    """Parse argv into (GPTConfig, TrainConfig, args); unknown options are one clear error. args.explicit names
+    the fields the user set by a flag or a JSON file (a named preset's values are defaults, not requests)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option(s) {' '.join(unknown)}; see --help for the valid ones")
     overrides = load_preset(args.config) if args.config else {}
-    overrides.update({k: v for k, v in vars(args).items() if k in _FIELDS})
+    flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    args.explicit = set(flags) | (set(overrides) if args.config and args.config not in PRESETS else set())
+    overrides.update(flags)
     model_cfg, train_cfg = make_configs(overrides)
     return model_cfg, train_cfg, args
 

@@ -6,12 +6,12 @@
 Needs matplotlib (pip install matplotlib); the rest of the kit does not. Safe to run while training writes the log.
 """
 import argparse
-import json
 import math
 import os
 import statistics
 
 from errors import UserError, run_main
+from run_folder import read_log
 
 CHANCE = 0.25  # HellaSwag has four endings
 
@@ -26,30 +26,6 @@ def find_log(path: str) -> str:
     elif not os.path.isfile(path):
         raise UserError(f"{path}: no such file or folder; give a run folder (e.g. out/tiny) or its log.jsonl")
     return path
-
-
-def read_log(path: str) -> list[dict]:
-    """The records of log.jsonl in order. A last line without its newline is being written: it is skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):  # no newline after it: train.py may be halfway through writing it
-                continue
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); is it a log.jsonl written by train.py?")
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
-            raise UserError(f"{path}:{lineno}: not a log record (a JSON object with a numeric 'step'); "
-                            f"is it a log.jsonl written by train.py?")
-        records.append(record)
-    return records
 
 
 def _is_number(value) -> bool:

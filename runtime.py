@@ -4,6 +4,7 @@ Each choice lives in one function here so every script makes it the same way.
 """
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -83,16 +84,16 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
     a = torch.full((n, n), 0.5, device=device, dtype=dtype)
     b = torch.full((n, n), 0.25, device=device, dtype=dtype)
     a @ b  # warm up: first calls pick kernels and allocate
-    _sync(device)
+    synchronize(device)
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         reps += 1
-        _sync(device)
+        synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device):
+def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -137,6 +138,9 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     return Dist(rank, local_rank, world, device)
 
 
+MAX = dist.ReduceOp.MAX
+
+
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In place across processes when distributed; a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
@@ -147,3 +151,52 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 def teardown_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (a picklable Python object); obj itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopFlag:
+    """SIGTERM (a preempted cloud job) or Ctrl-C: the loop finishes its step, saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once

@@ -13,34 +13,214 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import sys
+import socket
 import time
+import uuid
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import generate
-import hellaswag
 import runtime
 from config import GPTConfig, TrainConfig, add_config_args, check_values, parse_configs
-from dataloader import DataLoader
+from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
+from hooks import Hooks, RunLog, due
 from model import GPT, count_params, estimate_mfu
-from tokenizer import load_tokenizer
+from run_folder import RunFolder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    model_cfg, cfg, args = parse_configs(parser)
+    check_values(model_cfg, cfg)
+    ctx = runtime.setup_distributed(cfg.device)
+    try:
+        train(model_cfg, cfg, ctx, explicit=args.explicit)
+    finally:
+        runtime.teardown_distributed()
+
+
+def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=frozenset()):
+    # ---- setup: data, run folder, model, optimizer, resume, hooks. Everything the run needs is resolved here.
+    device, master = ctx.device, ctx.is_master
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    runtime.configure_matmul(device)
+    meta = read_data_meta(cfg.data_dir)
+    if "vocab_size" in explicit and model_cfg.vocab_size != meta["vocab_size"]:
+        raise UserError(f"--vocab-size {model_cfg.vocab_size} disagrees with the data's tokenizer "
+                        f"({meta['vocab_size']} tokens, {cfg.data_dir}/meta.json); drop the flag or prepare the data "
+                        f"with the tokenizer you mean")
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
+    if cfg.shuffle is None:
+        cfg = dataclasses.replace(cfg, shuffle=bool(meta.get("shuffle", False)))
+    accum = grad_accum_steps(cfg, model_cfg.block_size, ctx.world_size)
+    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, model_cfg.block_size, ctx.rank,
+                              ctx.world_size, shuffle_seed=cfg.seed if cfg.shuffle else None,
+                              vocab_size=model_cfg.vocab_size)
+    val_loader = DataLoader(cfg.data_dir, "val", cfg.batch_size, model_cfg.block_size, ctx.rank, ctx.world_size,
+                            vocab_size=model_cfg.vocab_size)
+
+    folder = RunFolder(cfg.out_dir)
+    ckpt, run_id = choose_checkpoint(folder, cfg, ctx)
+    state = checkpoint.load_train_state(ckpt) if ckpt else None
+    if state is not None:
+        check_resume(ckpt, state, model_cfg, cfg, data_identity(train_loader))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg).to(device)  # the module being trained: saved, evaluated, sampled
+    optimizer = build_optimizer(model, cfg, device)
+    step = 0
+    if state is not None:
+        model.load_state_dict(checkpoint.load_model(ckpt)[0].state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["train_loader"])
+        step = state["step"]
+        # Per-rank RNG streams continue exactly on the same world size; on another, each rank starts a new one.
+        if len(state["rng"]) == ctx.world_size:
+            runtime.set_rng_state(state["rng"][ctx.rank])
+        else:
+            torch.manual_seed(cfg.seed + ctx.rank + step * ctx.world_size)
+    else:
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs per rank
+    batches = DeviceBatches(train_loader, device)
+
+    compile_on = device.type == "cuda" if cfg.compile is None else cfg.compile
+    runner = torch.compile(model) if compile_on else model  # what forward and backward run through
+    if ctx.enabled:
+        runner = DDP(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+
+    if master:
+        folder.start_log(step)
+    log = RunLog(folder, cfg, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg)}, enabled=master)
+    hooks = Hooks(cfg, model_cfg, meta["tokenizer"], ctx, dtype, val_loader, log)
+    stop = runtime.StopFlag()
+    peak = cfg.peak_flops or runtime.peak_flops(device, dtype)
+    if master:
+        print(f"model {count_params(model_cfg) / 1e6:.1f}M params | {ctx.world_size} process(es) on {device}, "
+              f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_on else 'off'} | "
+              f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
+              f"{ctx.world_size} x {accum} accum | " + (f"resumed at step {step} from {ckpt}" if ckpt else "fresh"),
+              flush=True)
+
+    # A wsd run keeps the checkpoint where its decay starts: a longer run (larger --max-steps) extends from it.
+    kept = (decay_start(cfg),) if cfg.lr_schedule == "wsd" else ()
+
+    def save(at_step: int) -> str:
+        rngs = runtime.gather_objects(runtime.rng_state())
+        if not master:
+            return ""
+        state = {"step": at_step, "optimizer": optimizer.state_dict(), "train_loader": batches.state_dict(),
+                 "rng": rngs, "train_config": dataclasses.asdict(cfg), "data": data_identity(train_loader)}
+        return checkpoint.save_checkpoint(cfg.out_dir, at_step, model, meta["tokenizer"], state, run_id=run_id,
+                                          keep=cfg.keep_checkpoints, protect=kept)
+
+    # ---- the loop. No host synchronisation between logging steps: the loss stays on the device until then.
+    first_step, losses, nonfinite = step, [], torch.zeros((), device=device)
+    t_last, steps_timed = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        loss, grad_norm = train_step(runner, optimizer, batches, accum, lr, cfg.grad_clip, dtype, ctx.enabled)
+        step += 1
+        losses.append(loss)
+        nonfinite += ~torch.isfinite(loss)
+        steps_timed += 1
+        if step == first_step + 1:  # the first step compiles and warms up: the timing starts after it
+            runtime.synchronize(device)
+            t_last, steps_timed = time.perf_counter(), 0
+
+        logged = due(step, cfg.log_interval, cfg.max_steps)
+        saving = due(step, cfg.checkpoint_interval, cfg.max_steps) or step in kept
+        if not (logged or saving or hooks.any_due(step)):
+            continue
+        # All ranks agree here, not every step: a stop signal on any rank, a non-finite loss on any rank.
+        stop_flag = torch.tensor(float(stop.signal is not None), device=device)
+        nan_seen, stopping = runtime.all_reduce(torch.stack([nonfinite, stop_flag]), op=runtime.MAX).tolist()
+        if nan_seen:
+            last = checkpoint.list_checkpoints(cfg.out_dir) if master else []
+            raise UserError(f"the loss became nan or inf by step {step}; stopping without saving. The last good "
+                            f"checkpoint is {last[-1] if last else 'none'}: resume from it with a lower "
+                            f"--learning-rate and --allow-lr-change")
+        error = None
+        try:
+            if logged:
+                mean_loss = runtime.all_reduce(torch.stack(losses).mean()) / ctx.world_size
+                loss_value, norm_value = torch.stack([mean_loss, grad_norm.float()]).tolist()
+                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+                line = f"step {step:6d}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm {norm_value:.3f}"
+                if steps_timed:  # none in the first window when it holds only the warm-up step
+                    dt = (time.perf_counter() - t_last) / steps_timed
+                    tps = cfg.total_batch_size / dt
+                    mfu = estimate_mfu(model_cfg, model_cfg.block_size, tps, peak * ctx.world_size)
+                    record.update(tokens_per_sec=tps, ms_per_step=dt * 1000, mfu=mfu)
+                    line += f" | {dt * 1000:.0f} ms | {tps:,.0f} tok/s | mfu {mfu:.1%}"
+                log.write(record, line)
+            hooks.run(step, runner, model)
+        except Exception as e:
+            error = e
+        # A failed hook never costs progress: the weights of this step are consistent, so every rank saves them.
+        failed = runtime.all_reduce(torch.tensor(float(error is not None), device=device), op=runtime.MAX).item()
+        if failed:
+            path = save(step)
+            if master:
+                print(f"a hook failed after step {step}: saved {path}; fix the cause, then continue with --resume",
+                      flush=True)
+            raise error or UserError(f"a hook failed on another rank after step {step}; its message says why")
+        if saving or stopping:
+            path = save(step)
+            if master and stopping:
+                print(f"stopped by signal {stop.signal}: saved {path}; continue with --resume", flush=True)
+        if stopping:
+            return
+        if logged:  # evaluations and saves are not training time: the clock restarts after them
+            losses, steps_timed = [], 0
+            t_last = time.perf_counter()
+
+
+def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: float, dtype, ddp: bool):
+    """One optimizer step over `accum` micro batches; returns (mean loss, gradient norm) as device tensors, so
+    that nothing here waits for the device. bench.py times exactly this function."""
+    loss_sum = None
+    for micro in range(accum):
+        x, y = next(batches)
+        # Gradients are averaged across ranks once per step, on the last micro step only.
+        sync = model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with runtime.autocast(x.device, dtype):
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.float() / accum, grad_norm
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps (and min_lr after)."""
+    """Linear warmup to learning_rate, then down to min_lr at max_steps (and min_lr after): a cosine, or (wsd)
+    flat until decay_start and linear from there."""
     min_lr = cfg.learning_rate * 0.1 if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    start = decay_start(cfg)
+    progress = max(0, step - start) / max(1, cfg.max_steps - start)
+    if cfg.lr_schedule == "wsd":
+        return cfg.learning_rate + progress * (min_lr - cfg.learning_rate)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
+
+
+def decay_start(cfg: TrainConfig) -> int:
+    """The step where the learning rate starts to fall. A wsd run can be extended (a larger --max-steps) from any
+    checkpoint before it, and the checkpoint at it is always kept; a cosine falls from the end of warmup."""
+    if cfg.lr_schedule == "wsd":
+        return max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+    return cfg.warmup_steps
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -84,261 +264,76 @@ def read_data_meta(data_dir: str) -> dict:
     return meta
 
 
-class RunLog:
-    """log.jsonl (one object per logged step or evaluation), the console, and wandb: rank 0 only."""
+def data_identity(loader: DataLoader) -> list:
+    """What the training data is, whatever folder it sits in: each shard's name and token count."""
+    return [[os.path.basename(p), len(s)] for p, s in zip(loader.paths, loader.shards)]
 
-    def __init__(self, cfg: TrainConfig, enabled: bool, resume_step: int, config_dict: dict):
-        self.enabled, self.wandb = enabled, None
-        if not enabled:
-            return
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.path = os.path.join(cfg.out_dir, "log.jsonl")
-        self._truncate_after(resume_step)
-        if cfg.wandb:
-            import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict,
-                                    resume="allow")
+# ---- resume: which checkpoint (one choice for all ranks), and whether the new flags continue the same run
 
-    def _truncate_after(self, step: int):
-        """A run killed after its last checkpoint logged steps it will now redo: drop them (or all, if fresh)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            keep = [line for line in f if step > 0 and json.loads(line).get("step", 0) <= step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(self.path + ".tmp", self.path)
-
-    def write(self, record: dict, console: str = ""):
-        if not self.enabled:
-            return
-        if console:
-            print(console, flush=True)
+def choose_checkpoint(folder: RunFolder, cfg: TrainConfig, ctx: runtime.Dist):
+    """(checkpoint or None, run id). Rank 0 holds the folder and chooses; every rank then checks that it reads
+    the same checkpoint, since a node-local --out-dir would otherwise let ranks resume from different steps."""
+    choice = None
+    if ctx.is_master:
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a full disk: name the file (a failed write does not)
-            raise UserError(f"cannot append to {self.path}: {e.strerror or e}; make room, then continue with --resume")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
+            folder.hold()
+            ckpt = folder.choose(cfg.resume, cfg.overwrite, cfg.resume_step)
+            run_id = checkpoint.read_meta(ckpt).get("run_id") if ckpt else uuid.uuid4().hex
+            choice = {"ckpt": ckpt, "run_id": run_id}
+        except UserError as e:
+            choice = {"error": str(e)}
+    choice = runtime.broadcast_object(choice)
+    if "error" in choice:
+        raise UserError(choice["error"])
+    ckpt, run_id = choice["ckpt"], choice["run_id"]
+    if ckpt is not None:
+        problem = None
+        try:
+            if checkpoint.read_meta(ckpt).get("run_id") != run_id or not os.path.isfile(os.path.join(ckpt, "state.pt")):
+                problem = "another run's checkpoint of that name"
+        except UserError:
+            problem = "no such checkpoint"
+        problems = [p for p in runtime.gather_objects((ctx.rank, socket.gethostname(), problem)) if p[2]]
+        if problems:
+            rank, host, problem = problems[0]
+            raise UserError(f"rank {rank} on host {host} cannot read {ckpt}, which rank 0 resumes from ({problem} "
+                            f"there): --out-dir must be one shared file system for all nodes")
+    return ckpt, run_id
 
 
-class StopFlag:
-    """SIGTERM (a preempted cloud job) or Ctrl-C: finish the step, save a checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    def is_set(self, device) -> bool:
-        """Agreed by all ranks, so that they stop, and save, at the same step."""
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        return bool(runtime.all_reduce(flag, op=dist.ReduceOp.MAX).item())
+DATA_FIELDS = ("total_batch_size", "seed", "shuffle")  # batch_size and world size resume exactly (see DataLoader)
+SCHEDULE_FIELDS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "decay_fraction")
 
 
-@torch.no_grad()
-def evaluate_loss(model, loader: DataLoader, steps: int, device, dtype, world_size: int) -> float:
-    """Mean validation loss over the same `steps` batches every time, averaged over ranks."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device)
-    for _ in range(steps):
-        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-        with runtime.autocast(device, dtype):
-            _, loss = model(x, y)
-        total += loss.float()
-    model.train()
-    return (runtime.all_reduce(total) / (steps * world_size)).item()
-
-
-def due(step: int, interval: int, max_steps: int) -> bool:
-    """Every `interval` steps and at the end; never when interval is 0."""
-    return interval > 0 and (step % interval == 0 or step == max_steps)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(ctx: runtime.Dist) -> list:
-    """Every rank's RNG state (dropout differs per rank), gathered so rank 0 can save them all."""
-    if not ctx.enabled:
-        return [rng_state()]
-    states = [None] * ctx.world_size
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def resume_state(cfg: TrainConfig, model_cfg: GPTConfig):
-    """(checkpoint path, its train state) to resume from, or (None, None) for a fresh run."""
-    found = checkpoint.list_checkpoints(cfg.out_dir)
-    if not found:
-        print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
-        return None, None
-    ckpt = found[-1]
-    saved = checkpoint.read_meta(ckpt)["model"]
-    if saved != model_cfg:
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in dataclasses.asdict(saved).items()
-                if getattr(model_cfg, k) != v}
-        raise UserError(f"--resume: {ckpt} was trained with a different model config "
-                        f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+def check_resume(ckpt: str, state: dict, model_cfg: GPTConfig, cfg: TrainConfig, data: list):
+    """Refuse, in one line, new flags that would silently change what the resumed run trains on or jump its
+    learning rate; batch size and process count may change (the data position is in tokens)."""
+    saved_model = checkpoint.read_meta(ckpt)["model"]
+    if saved_model != model_cfg:
+        diff = [f"{k}: {v} there, {getattr(model_cfg, k)} now" for k, v in dataclasses.asdict(saved_model).items()
+                if getattr(model_cfg, k) != v]
+        raise UserError(f"--resume: {ckpt} was trained with a different model config ({', '.join(diff)}); "
                         f"use the same flags or another --out-dir")
-    return ckpt, checkpoint.load_train_state(ckpt)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    model_cfg, cfg, _ = parse_configs(parser)
-    train(model_cfg, cfg)
-
-
-def train(model_cfg: GPTConfig, cfg: TrainConfig):
-    check_values(model_cfg, cfg)
-    ctx = runtime.setup_distributed(cfg.device)
-    try:
-        _train(model_cfg, cfg, ctx)
-    finally:
-        runtime.teardown_distributed()
-
-
-def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist):
-    device, master = ctx.device, ctx.is_master
-    dtype = runtime.pick_dtype(cfg.dtype, device)
-    runtime.configure_matmul(device)
-    meta = read_data_meta(cfg.data_dir)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
-    accum = grad_accum_steps(cfg, model_cfg.block_size, ctx.world_size)
-    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, model_cfg.block_size, ctx.rank,
-                              ctx.world_size, shuffle_seed=cfg.seed if cfg.shuffle else None,
-                              vocab_size=model_cfg.vocab_size)
-    val_loader = DataLoader(cfg.data_dir, "val", cfg.batch_size, model_cfg.block_size, ctx.rank, ctx.world_size,
-                            vocab_size=model_cfg.vocab_size)
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    step = 0
-    ckpt, state = resume_state(cfg, model_cfg) if cfg.resume else (None, None)
-    if state is not None:
-        model.load_state_dict(checkpoint.load_model(ckpt)[0].state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["train_loader"])
-        step = state["step"]
-        rngs = state["rng"]
-        set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
-    else:
-        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs per rank
-
-    raw_model = model
-    compile_on = device.type == "cuda" if cfg.compile is None else cfg.compile
-    if compile_on:
-        model = torch.compile(model)
-    if ctx.enabled:
-        model = DDP(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-
-    log = RunLog(cfg, master, step, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg)})
-    stop = StopFlag()
-    peak = cfg.peak_flops or runtime.peak_flops(device, dtype)
-    if master:
-        print(f"model {count_params(model_cfg) / 1e6:.1f}M params | {ctx.world_size} process(es) on {device}, "
-              f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_on else 'off'} | "
-              f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
-              f"{ctx.world_size} x {accum} accum | " + (f"resumed at step {step} from {ckpt}" if ckpt else "fresh"),
-              flush=True)
-
-    def save(at_step: int) -> str:
-        rngs = gather_rng_states(ctx)
-        if not master:
-            return ""
-        state = {"step": at_step, "optimizer": optimizer.state_dict(), "train_loader": train_loader.state_dict(),
-                 "rng": rngs, "train_config": dataclasses.asdict(cfg)}
-        return checkpoint.save_checkpoint(cfg.out_dir, at_step, raw_model, meta["tokenizer"], state,
-                                          keep=cfg.keep_checkpoints)
-
-    enc = examples = None  # the tokenizer and HellaSwag rows, loaded when first needed
-    t_last, steps_timed = time.perf_counter(), 0
-    while step < cfg.max_steps:
-        loss_accum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-            # Gradients are averaged across ranks once per step, on the last micro step only.
-            sync = contextlib.nullcontext() if not ctx.enabled or micro == accum - 1 else model.no_sync()
-            with sync:
-                with runtime.autocast(device, dtype):
-                    _, loss = model(x, y)
-                loss = loss / accum
-                loss_accum += loss.detach()
-                loss.backward()
-        runtime.all_reduce(loss_accum)
-        loss_accum /= ctx.world_size
-        grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw_model.parameters()
-                                                                if p.grad is not None])))
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_value = loss_accum.item()
-        if not math.isfinite(loss_value):
-            last = checkpoint.list_checkpoints(cfg.out_dir)
-            raise UserError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
-                            f"{last[-1] if last else 'none'}: resume from it with a lower --learning-rate")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_timed += 1
-
-        logged = due(step, cfg.log_interval, cfg.max_steps)
-        if logged:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t_last) / steps_timed
-            tps = cfg.total_batch_size / dt
-            mfu = estimate_mfu(model_cfg, model_cfg.block_size, tps, peak * ctx.world_size)
-            log.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_sec": tps, "ms_per_step": dt * 1000, "mfu": mfu},
-                      f"step {step:6d}/{cfg.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                      f"norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tps:,.0f} tok/s | mfu {mfu:.1%}")
-        if due(step, cfg.eval_interval, cfg.max_steps):
-            val_loss = evaluate_loss(model, val_loader, cfg.eval_steps, device, dtype, ctx.world_size)
-            log.write({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
-        if due(step, cfg.hellaswag_interval, cfg.max_steps):
-            enc = enc or load_tokenizer(meta["tokenizer"])
-            examples = examples or hellaswag.load_examples(cfg.hellaswag_data, cfg.hellaswag_limit)
-            result = hellaswag.evaluate(raw_model, enc, examples, device, dtype, dist=ctx)
-            log.write({"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
-                      f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
-        if master and due(step, cfg.sample_interval, cfg.max_steps):
-            # A private generator: sampling must not move the training RNG, or resume would not be exact.
-            gen = torch.Generator(device).manual_seed(cfg.seed)
-            enc = enc or load_tokenizer(meta["tokenizer"])
-            text = generate.complete(raw_model, enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
-                                     dtype=dtype)[0]
-            print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)
-        stopping = stop.is_set(device)
-        if due(step, cfg.checkpoint_interval, cfg.max_steps) or step == cfg.max_steps or stopping:
-            path = save(step)
-            if master and stopping:
-                print(f"stopped by signal {stop.signal}: saved {path}; continue with --resume", flush=True)
-        if stopping:
-            return
-        if logged:  # evaluations and saves above are not training time: restart the clock after them
-            t_last, steps_timed = time.perf_counter(), 0
+    saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    for name in DATA_FIELDS:
+        if getattr(saved, name) != getattr(cfg, name):
+            raise UserError(f"--resume: {name} was {getattr(saved, name)} in {ckpt}, now {getattr(cfg, name)}; that "
+                            f"changes which data the run reads. Use the saved value, or start a new --out-dir")
+    if state.get("data", data) != data:
+        raise UserError(f"--resume: the training data in {cfg.data_dir} is not the data {ckpt} was trained on "
+                        f"(shards or their sizes differ; it read {saved.data_dir}); point --data-dir at that data")
+    step = state["step"]
+    old, new = lr_at(step, saved), lr_at(step, cfg)
+    if not math.isclose(old, new, rel_tol=1e-9) and not cfg.allow_lr_change:
+        changed = [f"{n} {getattr(saved, n)} -> {getattr(cfg, n)}" for n in SCHEDULE_FIELDS
+                   if getattr(saved, n) != getattr(cfg, n)]
+        hint = ("a cosine schedule cannot be extended: train with --lr-schedule wsd, which extends from any "
+                "checkpoint before its decay" if saved.lr_schedule == "cosine" and saved.max_steps != cfg.max_steps
+                else f"a wsd run extends from a checkpoint before its decay began (step {decay_start(saved)}): "
+                     f"--resume --resume-step N" if saved.lr_schedule == "wsd" else "use the saved values")
+        raise UserError(f"--resume: the learning rate at step {step} would jump from {old:.3e} to {new:.3e} "
+                        f"({', '.join(changed)}); {hint}, or pass --allow-lr-change to accept the jump")
 
 
 if __name__ == "__main__":

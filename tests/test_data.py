@@ -72,7 +72,7 @@ def test_missing_shard(tmp_path):
 
 # ---- the loader ----
 
-B, T = 2, 4  # a chunk is 9 tokens
+B, T = 2, 4  # a batch is 2 windows of 4 tokens, each with 1 more for its targets
 
 
 def make_shards(folder: Path, sizes, split="train"):
@@ -85,65 +85,98 @@ def make_shards(folder: Path, sizes, split="train"):
     return folder
 
 
-def chunks(loader, n):
-    """The first token of each of the next n batches: which chunk each one was."""
-    return [int(loader.next_batch()[0][0, 0]) for _ in range(n)]
+def windows(loader, n):
+    """The first token of each window of the next n batches: which windows they were."""
+    return [int(t) for _ in range(n) for t in loader.next_batch()[0][:, 0]]
 
 
-def test_batches_are_consecutive_chunks_shifted_by_one(tmp_path):
-    # 20 tokens hold 2 chunks of 9 (19 = 2*8+3: the +1 target may come from the next chunk's first token).
+def test_batches_are_consecutive_windows_shifted_by_one(tmp_path):
+    # 20 tokens hold 4 windows (19 = 4*4 + 3: the +1 target of a window is the next one's first token).
     loader = DataLoader(make_shards(tmp_path / "d", [20, 9, 8]), "train", B, T)
-    assert loader.chunks_per_epoch == 3  # 2 + 1 + 0: the last shard is too short for a chunk
+    assert loader.windows_per_epoch == 4 + 2 + 1
     x, y = loader.next_batch()
     assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
-    assert x.flatten().tolist() == list(range(8)) and y.flatten().tolist() == list(range(1, 9))
-    assert chunks(loader, 2) == [8, 20]
+    assert x.flatten().tolist() == list(range(8)) and y.flatten().tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert windows(loader, 3) == [8, 12, 20, 24, 29, 0]  # across shards, then into the next epoch
 
 
 def test_resume_mid_shard_continues_exactly(tmp_path):
     data = make_shards(tmp_path / "d", [50, 40])
     loader = DataLoader(data, "train", B, T)
-    chunks(loader, 3)
+    windows(loader, 3)
     state = loader.state_dict()
-    expected = [loader.next_batch() for _ in range(6)]  # runs past the end of the epoch
+    assert state == {"tokens": 3 * B * T}
+    expected = [loader.next_batch() for _ in range(12)]  # runs past the end of the epoch
     resumed = DataLoader(data, "train", B, T)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # states go through checkpoints
-    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(6)]):
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(12)]):
         assert torch.equal(x, rx) and torch.equal(y, ry)
     resumed.reset()
-    assert chunks(resumed, 1) == [0]
+    assert windows(resumed, 1) == [0, 4]
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 5])
+def test_another_batch_size_or_world_size_continues_at_the_same_token(tmp_path, shuffle_seed):
+    """The position is in tokens: 2 ranks of 1 window or 1 process of 4 windows after a run of batch 2 read on
+    from exactly where it stopped, shuffled or not."""
+    data = make_shards(tmp_path / "d", [50, 40, 30])
+    loader = DataLoader(data, "train", B, T, shuffle_seed=shuffle_seed)
+    windows(loader, 5)
+    state = loader.state_dict()
+    expected = windows(loader, 8)
+    big = DataLoader(data, "train", 4, T, shuffle_seed=shuffle_seed)
+    big.load_state_dict(state)
+    assert windows(big, 4) == expected
+    ranks = [DataLoader(data, "train", 1, T, rank=r, world_size=2, shuffle_seed=shuffle_seed) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    assert [w for _ in range(8) for r in ranks for w in windows(r, 1)] == expected
 
 
 def test_ddp_ranks_split_what_one_process_reads(tmp_path):
     data = make_shards(tmp_path / "d", [50, 40, 30])
     single = DataLoader(data, "train", B, T)
     ranks = [DataLoader(data, "train", B, T, rank=r, world_size=2) for r in range(2)]
-    for _ in range(7):  # 14 chunks: across an epoch boundary (12 chunks)
-        assert [chunks(single, 1)[0] for _ in range(2)] == [chunks(r, 1)[0] for r in ranks]
+    for _ in range(9):  # 36 windows: across an epoch boundary (12 + 9 + 7 = 28 windows)
+        assert windows(single, 2) == [w for r in ranks for w in windows(r, 1)]
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
 
 
 def test_epoch_wraps_to_the_start(tmp_path):
     loader = DataLoader(make_shards(tmp_path / "d", [30, 20]), "train", B, T)
-    first_epoch = chunks(loader, loader.chunks_per_epoch)
-    assert first_epoch == [0, 8, 16, 30, 38]
-    assert chunks(loader, loader.chunks_per_epoch) == first_epoch
+    assert loader.windows_per_epoch == 7 + 4
+    assert windows(loader, 11) == [0, 4, 8, 12, 16, 20, 24, 30, 34, 38, 42] * 2  # 22 windows: two epochs
 
 
-def test_shuffle_is_a_seeded_permutation_of_shards_per_epoch(tmp_path):
-    data = make_shards(tmp_path / "d", [10] * 6)  # one chunk per shard, starting at 0, 10, ..., 50
+def test_shuffle_permutes_windows_across_shards_each_epoch(tmp_path):
+    """Every window of an epoch is read exactly once, in another order each epoch and for another seed; ranks
+    of a DDP run still split one process's sequence."""
+    data = make_shards(tmp_path / "d", [41, 33, 9])  # 10 + 8 + 2 windows
+    plain = sorted(windows(DataLoader(data, "train", B, T), 10))
     a, b = DataLoader(data, "train", B, T, shuffle_seed=1), DataLoader(data, "train", B, T, shuffle_seed=1)
-    epochs = [chunks(a, 6) for _ in range(3)]
-    assert epochs == [chunks(b, 6) for _ in range(3)]
-    assert all(sorted(e) == [0, 10, 20, 30, 40, 50] for e in epochs)
-    assert len({tuple(e) for e in epochs}) > 1  # a new order each epoch
-    assert chunks(DataLoader(data, "train", B, T, shuffle_seed=2), 6) != epochs[0]
+    epochs = [windows(a, 10) for _ in range(3)]
+    assert epochs == [windows(b, 10) for _ in range(3)]
+    assert all(sorted(e) == plain for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3  # a new order each epoch
+    assert windows(DataLoader(data, "train", B, T, shuffle_seed=2), 10) != epochs[0]
+    mixed = epochs[0][:10]  # the first half-epoch draws from more than one shard
+    assert len({0 if w < 41 else 1 if w < 74 else 2 for w in mixed}) > 1
+    ranks = [DataLoader(data, "train", B, T, rank=r, world_size=2, shuffle_seed=1) for r in range(2)]
+    assert [w for _ in range(5) for r in ranks for w in windows(r, 1)] == epochs[0]
+
+
+def test_a_position_from_another_block_size_or_format_is_refused(tmp_path):
+    data = make_shards(tmp_path / "d", [50])
+    with pytest.raises(UserError, match="not a multiple of block_size 4"):
+        DataLoader(data, "train", B, T).load_state_dict({"tokens": 6})
+    with pytest.raises(UserError, match="older format"):
+        DataLoader(data, "train", B, T).load_state_dict({"next_chunk": 3})
 
 
 def test_token_beyond_vocab_is_a_user_error(tmp_path):
     data = make_shards(tmp_path / "d", [30])
     loader = DataLoader(data, "train", B, T, vocab_size=20)
-    chunks(loader, 2)  # ids up to 16 are fine
+    windows(loader, 2)  # ids up to 16 are fine
     with pytest.raises(UserError, match=r"token id 2\d >= vocab size 20 in .*train_000000.bin"):
         loader.next_batch()
 
@@ -154,8 +187,8 @@ def test_loader_user_errors(tmp_path):
     data = make_shards(tmp_path / "d", [30])
     with pytest.raises(UserError, match="no val_\\*.bin shards .* run prepare_data.py"):
         DataLoader(data, "val", B, T)
-    make_shards(data, [5, 8], split="val")
-    with pytest.raises(UserError, match="13 tokens.*--batch-size"):
+    make_shards(data, [5, 4], split="val")  # one window of 4 + 1 tokens: a batch needs 2
+    with pytest.raises(UserError, match="9 tokens.*--batch-size"):
         DataLoader(data, "val", B, T)
 
 

@@ -158,7 +158,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     result = run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
                        "--total-batch-size", 128, "--max-steps", 50, "--learning-rate", 1e30, "--warmup-steps", 1,
                        "--grad-clip", 0, check=False)
-    assert result.returncode == 2 and re.search("loss is (nan|inf)", result.stderr) and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "loss became nan or inf" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,0 +1,114 @@
+"""What train.py does between optimizer steps besides training: validation loss, HellaSwag, samples, and the log.
+
+Everything a hook needs is resolved before step 1, so a long run never dies at its first evaluation: the
+tokenizer, the sample prompt's tokens and the HellaSwag rows. HellaSwag that cannot be had (an offline node, a
+bad file) turns that hook off for the run with one warning, on every rank alike.
+"""
+import torch
+
+import generate
+import hellaswag
+import runtime
+from config import GPTConfig, TrainConfig
+from errors import UserError
+from run_folder import RunFolder
+from tokenizer import load_tokenizer
+
+
+def due(step: int, interval: int, max_steps: int) -> bool:
+    """Every `interval` steps and at the end; never when interval is 0."""
+    return interval > 0 and (step % interval == 0 or step == max_steps)
+
+
+class RunLog:
+    """log.jsonl (through the run folder), the console and wandb: rank 0 writes, the other ranks do nothing."""
+
+    def __init__(self, folder: RunFolder, cfg: TrainConfig, config_dict: dict, enabled: bool):
+        self.folder, self.enabled, self.wandb = folder, enabled, None
+        if enabled and cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict,
+                                    resume="allow")
+
+    def write(self, record: dict, console: str = ""):
+        if not self.enabled:
+            return
+        if console:
+            print(console, flush=True)
+        self.folder.append_log(record)
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps: int, device, dtype) -> float:
+    """Mean validation loss over the same `steps` batches every time, averaged over ranks."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = (t.to(device) for t in loader.next_batch())
+        with runtime.autocast(device, dtype):
+            _, loss = model(x, y)
+        total += loss.float()
+    model.train()
+    world = loader.world_size
+    return (runtime.all_reduce(total) / (steps * world)).item()
+
+
+class Hooks:
+    """The evaluation, HellaSwag and sample hooks of one run, with what they need resolved up front."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: GPTConfig, tokenizer: str, ctx: runtime.Dist, dtype,
+                 val_loader, log: RunLog):
+        self.cfg, self.ctx, self.dtype, self.val_loader, self.log = cfg, ctx, dtype, val_loader, log
+        self.enc = load_tokenizer(tokenizer) if cfg.hellaswag_interval or cfg.sample_interval else None
+        if cfg.sample_interval:
+            generate.encode_prompt(self.enc, cfg.sample_prompt, model_cfg.block_size)
+        self.examples = self._hellaswag_rows(model_cfg.block_size) if cfg.hellaswag_interval else None
+
+    def _hellaswag_rows(self, block_size: int):
+        """The rows, loaded and checked on every rank, or None (hook off) if any rank cannot have them."""
+        rows, problem = None, None
+        for first in (True, False):  # each node's first process fills the node's cache, then the others read it
+            if (self.ctx.local_rank == 0) == first:
+                try:
+                    rows = hellaswag.load_examples(self.cfg.hellaswag_data, self.cfg.hellaswag_limit)
+                    for ex in rows:
+                        hellaswag.encode(self.enc, ex, block_size)
+                except UserError as e:
+                    problem = str(e)
+            runtime.barrier()
+        problems = [(rank, p) for rank, p in enumerate(runtime.gather_objects(problem)) if p]
+        if not problems:
+            return rows
+        if self.ctx.is_master:
+            rank, reason = problems[0]
+            where = f" (rank {rank})" if self.ctx.enabled else ""
+            print(f"warning: HellaSwag is off for this run{where}: {reason}. To keep it on, pass --hellaswag-data "
+                  f"PATH to a local hellaswag_val.jsonl(.gz); --hellaswag-interval 0 silences this", flush=True)
+        return None
+
+    def run(self, step: int, model, raw_model):
+        """The hooks due at `step`. model runs the validation forward (compiled and DDP-wrapped where training
+        is), raw_model the generation and the packed HellaSwag scorer, which need the plain GPT."""
+        cfg, max_steps = self.cfg, self.cfg.max_steps
+        if due(step, cfg.eval_interval, max_steps):
+            val_loss = evaluate_loss(model, self.val_loader, cfg.eval_steps, self.ctx.device, self.dtype)
+            self.log.write({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
+        if self.examples is not None and due(step, cfg.hellaswag_interval, max_steps):
+            result = hellaswag.evaluate(raw_model, self.enc, self.examples, self.ctx.device, self.dtype, dist=self.ctx)
+            self.log.write({"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
+                           f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
+        if self.ctx.is_master and due(step, cfg.sample_interval, max_steps):
+            # A private generator: sampling must not move the training RNG, or resume would not be exact.
+            gen = torch.Generator(self.ctx.device).manual_seed(cfg.seed)
+            text = generate.complete(raw_model, self.enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
+                                     dtype=self.dtype)[0]
+            print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)
+
+    def any_due(self, step: int) -> bool:
+        cfg = self.cfg
+        return any(due(step, interval, cfg.max_steps)
+                   for interval in (cfg.eval_interval, cfg.hellaswag_interval, cfg.sample_interval))
