@@ -38,12 +38,13 @@ import hellaswag
 import prepare_data
 import runtime
 from config import PRESETS, GPTConfig, TrainConfig
-from dataloader import DataLoader, write_shard
+from dataloader import DataLoader, DeviceBatches, write_shard
 from errors import UserError, run_main
 from model import GPT, estimate_mfu
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
-from train import build_optimizer, evaluate_loss, lr_at
+from hooks import evaluate_loss
+from train import build_optimizer, lr_at, train_step
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"  # read-only data beside the repo; absent in a fresh clone
@@ -177,7 +178,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
 
 
 class Trainer:
-    """One setting (dtype, compile) of one model: step() is one iteration of train.py's loop, micro batch = batch."""
+    """One setting (dtype, compile) of one model: step() is train.py's train_step, micro batch = batch."""
 
     def __init__(self, b: Bench, cfg: GPTConfig, batch: int, init: dict, dtype, compile_on: bool, tcfg):
         self.b, self.dtype, self.tcfg = b, dtype, tcfg
@@ -185,25 +186,20 @@ class Trainer:
         self.raw.load_state_dict(init)
         self.model = torch.compile(self.raw) if compile_on else self.raw
         self.optimizer = build_optimizer(self.raw, tcfg, b.device)
-        self.loader = DataLoader(b.markov_data(), "train", batch, cfg.block_size)
+        self.batch, self.block_size = batch, cfg.block_size
+        self.batches = DeviceBatches(DataLoader(b.markov_data(), "train", batch, cfg.block_size), b.device)
         self.step_count = 0
 
     def step(self):
-        x, y = (t.to(self.b.device) for t in self.loader.next_batch())
-        with runtime.autocast(self.b.device, self.dtype):
-            _, loss = self.model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.tcfg.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step_count, self.tcfg)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(self.step_count, self.tcfg)
+        loss, _ = train_step(self.model, self.optimizer, self.batches, 1, lr, self.tcfg.grad_clip, self.dtype,
+                             ddp=False)
         self.step_count += 1
-        return loss.item()
+        return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 
     def val_loss(self) -> float:
-        loader = DataLoader(self.b.markov_data(), "val", self.loader.B, self.loader.T)
-        return evaluate_loss(self.raw, loader, 4, self.b.device, torch.float32, 1)  # fp32 for every setting
+        loader = DataLoader(self.b.markov_data(), "val", self.batch, self.block_size)
+        return evaluate_loss(self.raw, loader, 4, self.b.device, torch.float32)  # fp32 for every setting
 
 
 def train_settings(b: Bench, fields: dict, batch: int, settings: list, warmup: int, repeats: int):

@@ -288,12 +288,13 @@ def choose_checkpoint(folder: RunFolder, cfg: TrainConfig, ctx: runtime.Dist):
         raise UserError(choice["error"])
     ckpt, run_id = choice["ckpt"], choice["run_id"]
     if ckpt is not None:
-        problem = None
-        try:
-            if checkpoint.read_meta(ckpt).get("run_id") != run_id or not os.path.isfile(os.path.join(ckpt, "state.pt")):
-                problem = "another run's checkpoint of that name"
-        except UserError:
-            problem = "no such checkpoint"
+        problem = None  # rank 0 read it above; a damaged file is then the same error on every rank, later
+        if not ctx.is_master:
+            try:
+                if checkpoint.read_meta(ckpt).get("run_id") != run_id:
+                    problem = "another run's checkpoint of that name"
+            except UserError:
+                problem = "no such checkpoint"
         problems = [p for p in runtime.gather_objects((ctx.rank, socket.gethostname(), problem)) if p[2]]
         if problems:
             rank, host, problem = problems[0]

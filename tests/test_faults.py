@@ -27,6 +27,7 @@ import export_hf
 import train
 from dataloader import read_shard, write_shard
 from errors import UserError, run_main
+from run_folder import CKPT_RE
 from tests.test_data import corrupt, make_docs, write_jsonl
 from tests.test_model import Exploit
 from tests.test_train import SMALL, make_markov_data, read_log, run_train
@@ -91,7 +92,7 @@ def kill_during_a_save(cmd, out: Path, timeout: float = 120):
     try:
         while caught is None and proc.poll() is None and time.time() < deadline:
             names = files_in(out)
-            if any(checkpoint.CKPT_RE.match(n) for n in names):
+            if any(CKPT_RE.match(n) for n in names):
                 tmp = next((n for n in names if n.startswith(".ckpt_") and ".tmp-" in n), None)
                 if tmp and files_in(out / tmp):
                     proc.send_signal(signal.SIGKILL)

@@ -75,7 +75,7 @@ def read_log(out: Path, key: str) -> dict:
 
 SMALL = ["--device", "cpu", "--dtype", "float32", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
          "--pad-vocab-multiple", 1, "--log-interval", 1, "--eval-interval", 0, "--hellaswag-interval", 0,
-         "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3]
+         "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3, "--peak-flops", 1e12]
 
 
 def test_learns_markov_chain_to_its_entropy(tmp_path):
