@@ -61,7 +61,9 @@ demo: .venv/.requirements.stamp
 	echo "log         $(OUT)/log.jsonl"; \
 	echo "plot        $(OUT)/loss.png"; \
 	echo "samples     $(PY) generate.py --checkpoint $(OUT) --prompt \"...\""; \
-	echo "continue    $(PY) train.py --config tiny --resume --max-steps 3000   (an interrupted run: just --resume)"
+	echo "continue    an interrupted run: make demo again (it resumes); longer: a new run with"; \
+	echo "            $(PY) train.py --config tiny --lr-schedule wsd --max-steps 1000 --out-dir out/tiny-wsd,"; \
+	echo "            which extends later with --resume --resume-step N --max-steps M (see README)"
 
 test: .venv/.requirements-test.stamp
 	$(PY) -m pytest -q
