@@ -131,7 +131,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
             t_last, steps_timed = time.perf_counter(), 0
 
         logged = due(step, cfg.log_interval, cfg.max_steps)
-        saving = due(step, cfg.checkpoint_interval, cfg.max_steps) or step in kept
+        saving = due(step, cfg.checkpoint_interval, cfg.max_steps) or step in kept or step == cfg.max_steps
         if not (logged or saving or hooks.any_due(step)):
             continue
         # All ranks agree here, not every step: a stop signal on any rank, a non-finite loss on any rank.
