@@ -132,7 +132,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
 
         logged = due(step, cfg.log_interval, cfg.max_steps)
         saving = due(step, cfg.checkpoint_interval, cfg.max_steps) or step in kept or step == cfg.max_steps
-        if not (logged or saving or hooks.any_due(step)):
+        # One process reads its stop flag every step; ranks agree on it only where they meet anyway.
+        if not (logged or saving or hooks.any_due(step) or (stop.signal and not ctx.enabled)):
             continue
         # All ranks agree here, not every step: a stop signal on any rank, a non-finite loss on any rank.
         stop_flag = torch.tensor(float(stop.signal is not None), device=device)
