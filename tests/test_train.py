@@ -1,8 +1,6 @@
 """train.py: it learns a source of known entropy, DDP equals accumulation, resume is exact, and the pieces
 (schedule, weight-decay groups, accumulation arithmetic) match their definitions."""
 import json
-import re
-import math
 import os
 import signal
 import subprocess
