@@ -192,8 +192,7 @@ class Trainer:
 
     def step(self):
         lr = lr_at(self.step_count, self.tcfg)
-        loss, _ = train_step(self.model, self.optimizer, self.batches, 1, lr, self.tcfg.grad_clip, self.dtype,
-                             ddp=False)
+        loss, _ = train_step(self.model, self.optimizer, self.batches, 1, lr, self.tcfg.grad_clip, self.dtype)
         self.step_count += 1
         return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 

@@ -22,17 +22,27 @@ from errors import UserError
 from model import GPT
 from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
 
+
+def staging_folder(out_dir: str, step: int, tag: str) -> str:
+    """The temporary folder a save fills before its rename: ranks that all write into it agree on `tag`."""
+    return os.path.join(out_dir, f".ckpt_{step:07d}.tmp-{tag}")
+
+
 def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_state: Optional[dict] = None,
-                    keep: int = 0, protect: tuple = (), run_id: Optional[str] = None) -> str:
+                    keep: int = 0, protect: tuple = (), run_id: Optional[str] = None, weights: Optional[dict] = None,
+                    staged: Optional[str] = None) -> str:
     """Write ckpt_<step> into out_dir atomically; keep only the newest `keep` (0 keeps all) and those at the steps
-    in `protect`. Returns its path."""
+    in `protect`. Returns its path. weights replaces model.state_dict() (gathered from shards, say); staged is
+    a staging_folder() that other ranks already wrote into (a sharded optimizer), renamed with the rest."""
     final = os.path.join(out_dir, f"ckpt_{step:07d}")
-    tmp = os.path.join(out_dir, f".ckpt_{step:07d}.tmp-{os.getpid()}")
+    tmp = staged or staging_folder(out_dir, step, str(os.getpid()))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        if not staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+        weights = model.state_dict() if weights is None else weights
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != "lm_head.weight"}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
             shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.tiktoken"))
@@ -143,10 +153,11 @@ def _os_reason(e: BaseException) -> str:
 
 
 def _fsync_tree(folder: str):
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
 
 
 def _fsync_dir(folder: str):

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
     compile: Optional[bool] = None  # torch.compile; default on for CUDA, off elsewhere
+    parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (parameters and AdamW states sharded)
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
@@ -153,6 +154,8 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
                         f"gets n_embd / n_head channels; change one of them")
     if not 0 <= model_cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
+    if train_cfg.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"parallel must be ddp or fsdp, got {train_cfg.parallel!r}")
     if train_cfg.lr_schedule not in ("cosine", "wsd"):
         raise UserError(f"lr_schedule must be cosine or wsd, got {train_cfg.lr_schedule!r}")
     if not 0 <= train_cfg.decay_fraction <= 1:

@@ -9,6 +9,7 @@ import torch
 import generate
 import hellaswag
 import runtime
+import sharding
 from config import GPTConfig, TrainConfig
 from errors import UserError
 from run_folder import RunFolder
@@ -61,8 +62,10 @@ class Hooks:
     """The evaluation, HellaSwag and sample hooks of one run, with what they need resolved up front."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: GPTConfig, tokenizer: str, ctx: runtime.Dist, dtype,
-                 val_loader, log: RunLog):
+                 val_loader, log: RunLog, sharded: bool = False):
         self.cfg, self.ctx, self.dtype, self.val_loader, self.log = cfg, ctx, dtype, val_loader, log
+        # A sharded model's every forward is a collective: all ranks score all of HellaSwag and sample together.
+        self.sharded = sharded
         self.enc = load_tokenizer(tokenizer) if cfg.hellaswag_interval or cfg.sample_interval else None
         if cfg.sample_interval:
             generate.encode_prompt(self.enc, cfg.sample_prompt, model_cfg.block_size)
@@ -98,15 +101,19 @@ class Hooks:
             val_loss = evaluate_loss(model, self.val_loader, cfg.eval_steps, self.ctx.device, self.dtype)
             self.log.write({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
         if self.examples is not None and due(step, cfg.hellaswag_interval, max_steps):
-            result = hellaswag.evaluate(raw_model, self.enc, self.examples, self.ctx.device, self.dtype, dist=self.ctx)
+            with sharding.gathered(raw_model):
+                result = hellaswag.evaluate(raw_model, self.enc, self.examples, self.ctx.device, self.dtype,
+                                            dist=None if self.sharded else self.ctx)
             self.log.write({"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
                            f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
-        if self.ctx.is_master and due(step, cfg.sample_interval, max_steps):
+        if (self.ctx.is_master or self.sharded) and due(step, cfg.sample_interval, max_steps):
             # A private generator: sampling must not move the training RNG, or resume would not be exact.
             gen = torch.Generator(self.ctx.device).manual_seed(cfg.seed)
-            text = generate.complete(raw_model, self.enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
-                                     dtype=self.dtype)[0]
-            print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)
+            with sharding.gathered(raw_model):
+                text = generate.complete(raw_model, self.enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
+                                         dtype=self.dtype)[0]
+            if self.ctx.is_master:
+                print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)
 
     def any_due(self, step: int) -> bool:
         cfg = self.cfg

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import runtime
+import sharding
 from config import GPTConfig, TrainConfig, add_config_args, check_values, parse_configs
 from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
@@ -70,11 +71,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(device)  # the module being trained: saved, evaluated, sampled
-    optimizer = build_optimizer(model, cfg, device)
     step = 0
     if state is not None:
         model.load_state_dict(checkpoint.load_model(ckpt)[0].state_dict())
-        optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["train_loader"])
         step = state["step"]
         # Per-rank RNG streams continue exactly on the same world size; on another, each rank starts a new one.
@@ -87,14 +86,29 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
     batches = DeviceBatches(train_loader, device)
 
     compile_on = device.type == "cuda" if cfg.compile is None else cfg.compile
-    runner = torch.compile(model) if compile_on else model  # what forward and backward run through
-    if ctx.enabled:
-        runner = DDP(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    if cfg.parallel == "fsdp":
+        if not torch.distributed.is_initialized():
+            raise UserError("--parallel fsdp shards over the processes of torchrun; start it with torchrun (even "
+                            "--nproc_per_node=1), or leave --parallel at ddp for one process")
+        runner = sharding.shard(model, device, ctx.world_size, dtype, compile_on)  # in place: model is sharded
+    else:
+        runner = torch.compile(model) if compile_on else model  # what forward and backward run through
+        if ctx.enabled:
+            runner = DDP(runner, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg, device)  # after sharding: it must hold the sharded parameters
+    if state is not None:
+        if sharding.has_sharded_optimizer(ckpt):
+            sharding.load_optimizer(model, optimizer, ckpt)
+        elif cfg.parallel == "fsdp":
+            raise UserError(f"--resume: {ckpt} was written by a --parallel ddp run; resume it with --parallel ddp "
+                            f"(an fsdp run saves its optimizer in shards, a ddp run whole)")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
 
     if master:
         folder.start_log(step)
     log = RunLog(folder, cfg, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg)}, enabled=master)
-    hooks = Hooks(cfg, model_cfg, meta["tokenizer"], ctx, dtype, val_loader, log)
+    hooks = Hooks(cfg, model_cfg, meta["tokenizer"], ctx, dtype, val_loader, log, sharded=cfg.parallel == "fsdp")
     stop = runtime.StopFlag()
     peak = cfg.peak_flops or runtime.peak_flops(device, dtype)
     if master:
@@ -103,25 +117,39 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
               f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
               f"{ctx.world_size} x {accum} accum | " + (f"resumed at step {step} from {ckpt}" if ckpt else "fresh"),
               flush=True)
+    # Parameters, gradients and AdamW's two moments, all float32: 4x the parameters this rank holds.
+    state_mb = 4 * sharding.local_param_bytes(model) / 2**20
+    if master:
+        print(f"{cfg.parallel}: model state per rank {state_mb:,.1f} MB (parameters, gradients, AdamW moments)",
+              flush=True)
 
     # A wsd run keeps the checkpoint where its decay starts: a longer run (larger --max-steps) extends from it.
     kept = (decay_start(cfg),) if cfg.lr_schedule == "wsd" else ()
 
     def save(at_step: int) -> str:
         rngs = runtime.gather_objects(runtime.rng_state())
-        if not master:
-            return ""
-        state = {"step": at_step, "optimizer": optimizer.state_dict(), "train_loader": batches.state_dict(),
-                 "rng": rngs, "train_config": dataclasses.asdict(cfg), "data": data_identity(train_loader)}
-        return checkpoint.save_checkpoint(cfg.out_dir, at_step, model, meta["tokenizer"], state, run_id=run_id,
-                                          keep=cfg.keep_checkpoints, protect=kept)
+        state = {"step": at_step, "train_loader": batches.state_dict(), "rng": rngs,
+                 "train_config": dataclasses.asdict(cfg), "data": data_identity(train_loader)}
+        weights = staged = None
+        if sharding.is_sharded(model):  # every rank writes its optimizer shard, rank 0 the rest, then renames
+            weights = sharding.full_weights(model)
+            staged = checkpoint.staging_folder(cfg.out_dir, at_step, run_id)
+            sharding.save_optimizer(model, optimizer, staged)
+        else:
+            state["optimizer"] = optimizer.state_dict()
+        path = ""
+        if master:
+            path = checkpoint.save_checkpoint(cfg.out_dir, at_step, model, meta["tokenizer"], state, run_id=run_id,
+                                              keep=cfg.keep_checkpoints, protect=kept, weights=weights, staged=staged)
+        runtime.barrier()  # no rank runs on (or exits) while the checkpoint is still being renamed
+        return path
 
     # ---- the loop. No host synchronisation between logging steps: the loss stays on the device until then.
     first_step, losses, nonfinite = step, [], torch.zeros((), device=device)
     t_last, steps_timed = time.perf_counter(), 0
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
-        loss, grad_norm = train_step(runner, optimizer, batches, accum, lr, cfg.grad_clip, dtype, ctx.enabled)
+        loss, grad_norm = train_step(runner, optimizer, batches, accum, lr, cfg.grad_clip, dtype)
         step += 1
         losses.append(loss)
         nonfinite += ~torch.isfinite(loss)
@@ -179,15 +207,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
             t_last = time.perf_counter()
 
 
-def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: float, dtype, ddp: bool):
+def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: float, dtype):
     """One optimizer step over `accum` micro batches; returns (mean loss, gradient norm) as device tensors, so
     that nothing here waits for the device. bench.py times exactly this function."""
     loss_sum = None
     for micro in range(accum):
         x, y = next(batches)
-        # Gradients are averaged across ranks once per step, on the last micro step only.
-        sync = model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-        with sync:
+        with gradient_sync(model, micro == accum - 1):
             with runtime.autocast(x.device, dtype):
                 _, loss = model(x, y)
             (loss / accum).backward()
@@ -198,7 +224,18 @@ def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: floa
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is already global, as a DTensor
+        grad_norm = grad_norm.full_tensor()
     return loss_sum.float() / accum, grad_norm
+
+
+def gradient_sync(model, last_micro_step: bool):
+    """Gradients are reduced across ranks once per step, on the last micro step only."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if last_micro_step else model.no_sync()
+    if sharding.is_sharded(model):
+        model.set_requires_gradient_sync(last_micro_step)
+    return contextlib.nullcontext()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
