@@ -55,15 +55,15 @@ def test_each_rank_holds_about_half_the_model_state(tmp_path, data, fsdp_run):
     assert 0.45 < mb[0] / mb[1] <= 0.55, mb
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4(tmp_path, data, fsdp_run, ranks):
+@pytest.mark.parametrize("ranks, parallel", [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (0, "ddp")])
+def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4_or_without_sharding(tmp_path, data, fsdp_run, ranks, parallel):
     out, _ = fsdp_run
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
     cut_back_to(resumed, 4)
     # The same tokens per step on any number of ranks: 2 x 2 x 2 micro batches of 2, or 4 x 2 x 1.
     run_train(*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", resumed, "--max-steps", 8,
-              "--checkpoint-interval", 4, "--parallel", "fsdp", "--resume", torchrun=ranks)
+              "--checkpoint-interval", 4, "--parallel", parallel, "--resume", torchrun=ranks)
     full, after = read_log(out, "loss"), read_log(resumed, "loss")
     assert sorted(after) == list(range(1, 9))
     for step in range(5, 9):
