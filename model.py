@@ -140,16 +140,13 @@ class GPT(nn.Module):
         return self.lm_head(h)[..., :self.config.vocab_size]
 
     def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
-        """(logits for every position, mean cross-entropy against targets or None). Targets of -1 are ignored."""
+        """(logits, None) without targets; (None, mean cross-entropy) with them, never holding the whole batch's
+        logits (see head_loss). Targets of -1 are ignored."""
         h = self.hidden(idx, cache)
         if targets is None:
             return self.logits(h), None
-        # The loss reads the padded logits with the padding at -inf (exp(-inf) = 0 exactly): the same value as
-        # slicing, without the slice's backward materialising a zero tensor of the whole logits.
-        logits = self.lm_head(h).float()
-        logits[..., self.config.vocab_size:] = float("-inf")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits[..., :self.config.vocab_size], loss
+        return None, head_loss(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                               self.config.vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -204,6 +201,63 @@ class GPT(nn.Module):
         if missing:
             raise UserError(f"{folder} lacks weights {', '.join(missing[:3])}...: not a complete GPT-2 checkpoint")
         return model
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+              chunk_rows: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of the LM head over rows of hidden states h (N, C), targets (N,), -1 ignored.
+
+    Equal to F.cross_entropy(h @ weight.T) over the real vocabulary, but the (N, vocab) logits never exist at once:
+    rows go through the head in chunks, in the autocast dtype, with the log-sum-exp in float32, and each chunk's
+    gradients (for h and for the weight) are computed right there, so backward has nothing to recompute. On a CPU
+    this removes most of a bf16 step's casts, fills and log-softmax passes; on a GPU the ~12 GiB of fp32 logits
+    that a 64 x 1024 batch would keep alive through backward.
+    """
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    if chunk_rows <= 0:  # about 64 MB of float32 logits per chunk: small enough to stay cheap, large for matmuls
+        chunk_rows = max(64, (64 << 20) // (4 * weight.shape[0]))
+    with torch.autocast(device_type, enabled=False):
+        return _HeadLoss.apply(h, weight, targets, vocab_size, dtype, chunk_rows)
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, dtype, chunk_rows):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w, x = weight.to(dtype), h.to(dtype)
+        valid = targets != -1
+        scale = 1.0 / valid.sum().clamp(min=1)  # stays on the device: no host sync
+        safe_targets = targets.clamp(min=0)
+        losses = torch.empty(len(x), device=x.device, dtype=torch.float32)
+        grad_h = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+        for start in range(0, len(x), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (x[rows] @ w.t()).float()
+            if vocab_size < logits.shape[1]:  # the padding rows of the head: exp(-inf) = 0, no gradient
+                logits[:, vocab_size:] = float("-inf")
+            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: the chunk's logits become its probabilities
+            total = probs.sum(dim=1, keepdim=True)
+            losses[rows] = (peak + total.log()).squeeze(1) - target_logit
+            if need_grad:  # d loss / d logits = (softmax - onehot) * valid / n_valid
+                probs.div_(total)
+                probs.scatter_add_(1, safe_targets[rows, None], torch.full_like(target_logit[:, None], -1.0))
+                g = probs.mul_((valid[rows] * scale)[:, None]).to(dtype)
+                grad_h[rows] = g @ w
+                grad_w += (g.t() @ x[rows]).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.input_dtypes = (h.dtype, weight.dtype)
+        return (losses * valid).sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.input_dtypes
+        return (grad_h.to(h_dtype) * grad_loss, (grad_w * grad_loss).to(w_dtype), None, None, None, None)
 
 
 def sample(logits, temperature: float, top_k: Optional[int], top_p: float, generator=None):

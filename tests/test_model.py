@@ -84,9 +84,10 @@ def test_vocab_padding_changes_nothing(random_gpt):
     sd.pop("lm_head.weight")
     plain.load_state_dict(sd, strict=False)
     idx, targets = tokens(2, 20, 300), tokens(2, 20, 300, seed=1)
-    (a, loss_a), (b, loss_b) = padded(idx, targets), plain(idx, targets)
+    (a, _), (b, _) = padded(idx), plain(idx)
     assert a.shape == b.shape == (2, 20, 300)
-    assert max_diff(a, b) < 1e-5 and abs(loss_a.item() - loss_b.item()) < 1e-5
+    assert max_diff(a, b) < 1e-5
+    assert abs(padded(idx, targets)[1].item() - plain(idx, targets)[1].item()) < 1e-5
 
 
 @torch.no_grad()
@@ -94,12 +95,59 @@ def test_loss_is_cross_entropy_ignoring_minus_one(random_gpt):
     model = random_gpt()
     idx, targets = tokens(2, 16, 300), tokens(2, 16, 300, seed=1)
     targets[0, :5] = -1
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)
+    none, loss = model(idx, targets)
+    assert none is None  # the training forward returns no logits: it never holds them all
     log_probs = logits.log_softmax(-1)
     keep = targets != -1
     by_hand = -log_probs[keep].gather(-1, targets[keep][:, None]).mean()
     assert abs(loss.item() - by_hand.item()) < 1e-5
     assert abs(loss.item() - F.cross_entropy(logits[keep], targets[keep]).item()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 0])
+def test_chunked_head_loss_has_the_values_and_gradients_of_plain_cross_entropy(chunk_rows):
+    """float32: loss, d/dh and d/dweight equal F.cross_entropy over the unpadded logits within 1e-5, for chunks
+    that do and do not divide the rows, with ignored targets and a padded head."""
+    from model import head_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    weight = (torch.randn(128, 32) * 0.2).requires_grad_()  # 100 real tokens, padded to 128
+    targets = torch.randint(0, 100, (50,))
+    targets[::9] = -1
+    loss = head_loss(h, weight, targets, 100, chunk_rows=chunk_rows)
+    loss.backward()
+    ours = (loss.detach(), h.grad.clone(), weight.grad.clone())
+    h.grad = weight.grad = None
+    plain = F.cross_entropy((h @ weight.t())[:, :100], targets, ignore_index=-1)
+    plain.backward()
+    for a, b in zip(ours, (plain.detach(), h.grad, weight.grad)):
+        assert (a - b).abs().max().item() < 1e-5
+    assert weight.grad[100:].abs().max() == 0 and ours[2][100:].abs().max() == 0  # padding rows learn nothing
+
+
+def test_chunked_head_loss_in_bf16_autocast_is_close_to_float32():
+    from model import head_loss
+
+    torch.manual_seed(0)
+    h, weight = torch.randn(64, 48), torch.randn(256, 48) * 0.2
+    targets = torch.randint(0, 256, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = head_loss(h, weight, targets, 256)
+    assert abs(bf16.item() - F.cross_entropy(h @ weight.t(), targets).item()) < 0.02
+
+
+def test_tied_head_gets_the_gradient_of_both_uses(random_gpt):
+    """The head is the token embedding: its gradient sums the loss's (through the fused head) and the input's."""
+    model = random_gpt().train()
+    idx, targets = tokens(2, 16, 300), tokens(2, 16, 300, seed=1)
+    model(idx, targets)[1].backward()
+    fused = model.transformer.wte.weight.grad.clone()
+    model.zero_grad()
+    logits, _ = model(idx)
+    F.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1)).backward()
+    assert (fused - model.transformer.wte.weight.grad).abs().max().item() < 1e-6
 
 
 # --- the KV cache -------------------------------------------------------------------------------------------
