@@ -22,8 +22,9 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialised: attention only ever reads positions already written.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # positions filled so far
 
     @property
@@ -215,8 +216,8 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, voca
     """
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    if chunk_rows <= 0:  # about 64 MB of float32 logits per chunk: small enough to stay cheap, large for matmuls
-        chunk_rows = max(64, (64 << 20) // (4 * weight.shape[0]))
+    if chunk_rows <= 0:  # ~128 MB of float32 logits per chunk (667 rows of GPT-2's padded vocabulary)
+        chunk_rows = max(64, (128 << 20) // (4 * weight.shape[0]))
     with torch.autocast(device_type, enabled=False):
         return _HeadLoss.apply(h, weight, targets, vocab_size, dtype, chunk_rows)
 
