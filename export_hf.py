@@ -9,13 +9,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 
 from safetensors.torch import save_file
 
 import checkpoint
 from errors import UserError, run_main
 from model import GPT
-from tokenizer import load_tokenizer
+from tokenizer import EOT, load_tokenizer
 
 GPT2_EOT = 50256  # <|endoftext|> of tiktoken's gpt2, known without downloading the tokenizer
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -57,6 +58,29 @@ def hf_state_dict(model: GPT) -> dict:
     return weights
 
 
+def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
+    """A fast-tokenizer tokenizer.json (+ its config files) equal to the tiktoken encoding enc, via the
+    converter transformers ships for tiktoken files, so AutoTokenizer needs nothing from the hub."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    n_ranks = enc.n_vocab - len(specials)
+    # The converter numbers added specials right after the ranks; ours must sit there too to keep their ids.
+    if [i for _, i in specials] != list(range(n_ranks, enc.n_vocab)):
+        raise UserError(f"tokenizer {enc.name}: special token ids {dict(specials)} do not follow its {n_ranks} "
+                        f"ranks without gaps, which a Hugging Face tokenizer.json cannot express")
+    converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=[t for t, _ in specials])
+    ranks = enc._mergeable_ranks
+    converter.load_tiktoken_bpe = lambda _: ranks  # ours, not re-read (tiktoken's reader caches by path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token=EOT, eos_token=EOT,
+                                   unk_token=EOT, model_max_length=max_len)
+    fast.save_pretrained(folder)
+    # transformers 5 no longer writes this file; older transformers and other tools still look for it.
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, f, indent=2)
+
+
 def export(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Write the newest checkpoint under source (or source itself) to out_dir; returns the checkpoint exported."""
     ckpt = checkpoint.find_checkpoint(source)
@@ -75,11 +99,18 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(model, eot), f, indent=2)
         save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer != "gpt2":  # a file tokenizer travels with the model; its .json sidecar holds its pattern
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.tiktoken"))
-            sidecar = os.path.splitext(tokenizer)[0] + ".json"
-            if os.path.isfile(sidecar):
-                shutil.copyfile(sidecar, os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
+        if tokenizer == "gpt2":
+            try:
+                write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)
+            except UserError as e:  # offline and never cached: the model is still usable with the hub's gpt2
+                print(f"warning: no tokenizer files written ({e}); AutoTokenizer 'gpt2' is the same tokenizer",
+                      file=sys.stderr)
+        else:
+            write_hf_tokenizer(load_tokenizer(tokenizer), tmp, model.config.block_size)
+            # The kit's own files keep names no Hugging Face tool reads, so --init-from can rebuild it exactly.
+            checkpoint.copy_tokenizer(tokenizer, tmp)
         old = f"{tmp}.old"
         if os.path.exists(out_dir):  # moved aside, and deleted only once the new folder is in place
             os.rename(out_dir, old)
