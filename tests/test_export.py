@@ -9,6 +9,7 @@ import checkpoint
 import export_hf
 from errors import UserError, run_main
 from model import GPT
+from tokenizer import load_tokenizer, train_tokenizer
 
 
 def hf_model(folder):
@@ -31,7 +32,7 @@ def test_export_opens_in_transformers_with_equal_logits(run, tmp_path):
     folder, model = run
     out = tmp_path / "hf"
     export_hf.main([str(folder), str(out)])  # the run folder: its newest checkpoint
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 300 and config["n_ctx"] == config["n_positions"] == 64
     assert config["eos_token_id"] == config["bos_token_id"] == 50256
@@ -43,11 +44,46 @@ def test_export_opens_in_transformers_with_equal_logits(run, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no leftovers beside out_dir
 
 
-def test_tokenizer_file_travels_with_the_export(random_gpt, tmp_path, gpt2_tiktoken):
+# ASCII, accents, emoji, code, whitespace runs and the end-of-text token: where byte-level BPEs differ.
+SAMPLE = ("Hello, world! It's 2024; don't stop.  Café naïve façade Ünïcödé — 日本語 🤖🎉👍🏽\n"
+          "def f(x):\n\treturn x ** 2   # squared\n\n\n    indented\t\ttabs   \r\n"
+          "<|endoftext|>Next story 1234567 +-*/ {\"k\": [1, 2]} end   ")
+
+
+def test_gpt2_ranks_export_a_tokenizer_equal_to_the_kits(random_gpt, tmp_path, gpt2_tiktoken):
+    from transformers import AutoTokenizer
+
     ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, random_gpt(vocab_size=50257), str(gpt2_tiktoken))
-    export_hf.export(ckpt, str(tmp_path / "hf"))
-    assert (tmp_path / "hf" / "tokenizer.tiktoken").read_bytes() == gpt2_tiktoken.read_bytes()
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
+    assert checkpoint.SIDECAR not in os.listdir(ckpt) and "tokenizer.json" not in os.listdir(ckpt)
+    out = tmp_path / "hf"
+    export_hf.export(ckpt, str(out))
+    assert (out / checkpoint.RANKS).read_bytes() == gpt2_tiktoken.read_bytes()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 50256
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
+    theirs = AutoTokenizer.from_pretrained(str(out))
+    ours = load_tokenizer(str(gpt2_tiktoken))
+    ids = ours.encode(SAMPLE, allowed_special="all")
+    assert theirs(SAMPLE)["input_ids"] == ids and ids.count(50256) == 1
+    assert theirs.decode(ids) == SAMPLE and theirs.eos_token_id == 50256
+    _, tokenizer = checkpoint.load_model(str(out))  # --init-from an export reads it with its own tokenizer
+    assert tokenizer == str(out / checkpoint.RANKS)
+
+
+def test_custom_bpe_export_a_tokenizer_equal_to_the_kits(random_gpt, tmp_path):
+    from transformers import AutoTokenizer
+
+    ranks = str(tmp_path / "tiny.tiktoken")
+    train_tokenizer(["Once upon a time a café had 3 cats 🐈.\n\n  It's fine; def f(): pass\n"] * 50, 300, ranks)
+    ours = load_tokenizer(ranks)
+    ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, random_gpt(vocab_size=ours.n_vocab), ranks)
+    out = tmp_path / "hf"
+    export_hf.main([ckpt, str(out)])
+    theirs = AutoTokenizer.from_pretrained(str(out))
+    ids = ours.encode(SAMPLE, allowed_special="all")
+    assert theirs(SAMPLE)["input_ids"] == ids and ids.count(ours.eot_token) == 1
+    assert theirs.decode(ids) == SAMPLE
+    _, tokenizer = checkpoint.load_model(str(out))
+    assert load_tokenizer(tokenizer).encode(SAMPLE, allowed_special="all") == ids
 
 
 def test_existing_out_dir_needs_overwrite(run, tmp_path):
@@ -58,7 +94,7 @@ def test_existing_out_dir_needs_overwrite(run, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         export_hf.export(str(folder), str(out))
     export_hf.export(str(folder), str(out), overwrite=True)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert "old.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
 
 
 def test_model_without_biases_cannot_be_gpt2(random_gpt, tmp_path, capsys):
