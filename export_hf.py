@@ -6,6 +6,7 @@ Our modules already carry GPT-2's names; the differences are that HF stores the 
 as Conv1D, (in, out), and its embedding has exactly the real vocabulary (ours is padded).
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -14,10 +15,13 @@ import sys
 from safetensors.torch import save_file
 
 import checkpoint
+from config import TrainConfig
 from errors import UserError, run_main
 from model import GPT
+from run_folder import LOG, read_log
 from tokenizer import EOT, load_tokenizer
 
+LM_EVAL_TASKS = "hellaswag,arc_easy,piqa,winogrande,lambada_openai"
 GPT2_EOT = 50256  # <|endoftext|> of tiktoken's gpt2, known without downloading the tokenizer
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -81,6 +85,93 @@ def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
         json.dump({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, f, indent=2)
 
 
+def run_facts(ckpt: str) -> dict:
+    """What the model card reports about training, from the checkpoint's state.pt and its run's log.jsonl;
+    a fact that is missing (a weights-only checkpoint, no log) is simply left out."""
+    facts = {"step": checkpoint.read_meta(ckpt)["step"]}
+    if os.path.isfile(os.path.join(ckpt, "state.pt")):
+        train_cfg = checkpoint.load_train_state(ckpt).get("train_config", {})
+        facts["train_config"] = train_cfg
+        if "total_batch_size" in train_cfg:
+            facts["tokens"] = facts["step"] * train_cfg["total_batch_size"]
+    log = os.path.join(os.path.dirname(os.path.abspath(ckpt)), LOG)
+    if os.path.isfile(log):
+        for record in read_log(log):  # the last value at or before the exported step
+            if record.get("step", 0) <= facts["step"]:
+                for key in ("val_loss", "hellaswag_acc_norm"):
+                    if key in record:
+                        facts[key] = (record[key], record["step"])
+    return facts
+
+
+def train_command(train_cfg: dict) -> str:
+    defaults = dataclasses.asdict(TrainConfig())
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in train_cfg.items() if k in defaults and v != defaults[k]]
+    return " ".join(["python train.py", *flags])
+
+
+def lm_eval_command(out_dir: str) -> str:
+    return f"lm_eval --model hf --model_args pretrained={out_dir} --tasks {LM_EVAL_TASKS} --batch_size 8"
+
+
+def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str) -> str:
+    cfg, facts = model.config, run_facts(ckpt)
+    n_params = sum(p.numel() for p in model.parameters())  # the head is tied to wte, so counted once
+    tokens = f"{facts['tokens']:,}" if "tokens" in facts else "unknown (the checkpoint holds no training state)"
+    train_cfg = facts.get("train_config", {})
+
+    def logged(key, fmt):
+        if key not in facts:
+            return "not logged"
+        value, step = facts[key]
+        return f"{value:{fmt}} (step {step})"
+
+    tok_name = "GPT-2's BPE" if tokenizer == "gpt2" or os.path.basename(tokenizer) == "gpt2.tiktoken" else \
+        f"a byte-level BPE trained for this model ({tokenizer and os.path.basename(tokenizer)})"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {os.path.basename(os.path.abspath(out_dir))}
+
+A GPT-2 language model pre-trained from scratch with this kit, exported from `{ckpt}`.
+
+| | |
+|---|---|
+| architecture | GPT-2 (`GPT2LMHeadModel`): {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size} |
+| parameters | {n_params:,} |
+| vocabulary | {cfg.vocab_size} tokens, {tok_name} |
+| steps | {facts['step']:,} |
+| tokens seen | {tokens} |
+| data | {train_cfg.get('data_dir', 'unknown')} |
+| final validation loss | {logged('val_loss', '.4f')} |
+| HellaSwag acc_norm | {logged('hellaswag_acc_norm', '.4f')} |
+
+Made with `{train_command(train_cfg) if train_cfg else 'train.py (flags unknown)'}`, then
+`python export_hf.py {ckpt} {out_dir}`.
+
+## Use
+
+```python
+from transformers import pipeline
+pipe = pipeline("text-generation", model="{out_dir}")
+print(pipe("Once upon a time", max_new_tokens=40, do_sample=False)[0]["generated_text"])
+```
+
+## Evaluation
+
+```
+{lm_eval_command(out_dir)}
+```
+
+## Intended use and limits
+
+For research and teaching on language-model pre-training. It is a small base model: it continues text, it does
+not follow instructions, and it is often wrong. It has no safety tuning and reproduces the biases of its
+training data. Not for any use where its output is relied on.
+"""
+
+
 def export(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Write the newest checkpoint under source (or source itself) to out_dir; returns the checkpoint exported."""
     ckpt = checkpoint.find_checkpoint(source)
@@ -101,6 +192,8 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
         save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(model, ckpt, out_dir, tokenizer))
         if tokenizer == "gpt2":
             try:
                 write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)
@@ -129,7 +222,8 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = p.parse_args(argv)
     ckpt = export(args.checkpoint, args.out_dir, args.overwrite)
-    print(f"exported {ckpt} to {args.out_dir}; open it with transformers.GPT2LMHeadModel.from_pretrained")
+    print(f"exported {ckpt} to {args.out_dir}; it opens with transformers' AutoModelForCausalLM and AutoTokenizer.\n"
+          f"Standard evaluations (pip install lm_eval):\n  {lm_eval_command(args.out_dir)}")
 
 
 if __name__ == "__main__":

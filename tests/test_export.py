@@ -32,7 +32,7 @@ def test_export_opens_in_transformers_with_equal_logits(run, tmp_path):
     folder, model = run
     out = tmp_path / "hf"
     export_hf.main([str(folder), str(out)])  # the run folder: its newest checkpoint
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 300 and config["n_ctx"] == config["n_positions"] == 64
     assert config["eos_token_id"] == config["bos_token_id"] == 50256
