@@ -78,7 +78,8 @@ def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
     ranks = enc._mergeable_ranks
     converter.load_tiktoken_bpe = lambda _: ranks  # ours, not re-read (tiktoken's reader caches by path)
     fast = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token=EOT, eos_token=EOT,
-                                   unk_token=EOT, model_max_length=max_len)
+                                   unk_token=EOT, model_max_length=max_len,
+                                   clean_up_tokenization_spaces=False)  # decode must give back the text as is
     fast.save_pretrained(folder)
     # transformers 5 no longer writes this file; older transformers and other tools still look for it.
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:

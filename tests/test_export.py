@@ -1,4 +1,5 @@
 """export_hf.py: an exported checkpoint opens in transformers and computes our logits."""
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,8 @@ import torch
 
 import checkpoint
 import export_hf
+import generate
+from config import TrainConfig
 from errors import UserError, run_main
 from model import GPT
 from tokenizer import load_tokenizer, train_tokenizer
@@ -105,3 +108,42 @@ def test_model_without_biases_cannot_be_gpt2(random_gpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bias=False" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.fixture
+def bpe_export(random_gpt, tmp_path):
+    """A run folder as train.py leaves it (a trained BPE, state.pt, log.jsonl), exported: (folder, ranks)."""
+    ranks = str(tmp_path / "tiny.tiktoken")
+    train_tokenizer(["Once upon a time a cat sat. The dog ran home, and the sun was warm.\n"] * 50, 300, ranks)
+    n_vocab = load_tokenizer(ranks).n_vocab
+    state = {"train_config": {**dataclasses.asdict(TrainConfig()), "total_batch_size": 4096, "data_dir": "data/tt"}}
+    ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 30, random_gpt(vocab_size=n_vocab), ranks, state)
+    log = [{"step": 10, "val_loss": 5.5}, {"step": 20, "val_loss": 4.25, "x": 1},
+           {"step": 20, "hellaswag_acc_norm": 0.3125}, {"step": 40, "val_loss": 1.0}]  # step 40: a later save
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    export_hf.main([ckpt, str(tmp_path / "hf")])
+    return tmp_path / "hf", ranks
+
+
+def test_model_card_names_the_runs_numbers(bpe_export):
+    out, _ = bpe_export
+    card = (out / "README.md").read_text()
+    params = sum(p.numel() for p in GPT.from_pretrained(str(out)).parameters())
+    for fact in ("2 layers, 4 heads, width 64, context 64", f"| parameters | {params:,} |", "| steps | 30 |",
+                 "| tokens seen | 122,880 |", "| data | data/tt |", "4.2500 (step 20)", "0.3125 (step 20)",
+                 "--total-batch-size 4096", "lm_eval --model hf"):
+        assert fact in card, fact
+    assert f"lm_eval --model hf --model_args pretrained={out} --tasks hellaswag" in card
+
+
+def test_pipeline_greedy_equals_generate_greedy(bpe_export, capsys):
+    from transformers import pipeline
+
+    out, _ = bpe_export
+    capsys.readouterr()
+    prompt = "Once upon a time"
+    generate.main(["--init-from", str(out), "--greedy", "--prompt", prompt, "--max-new-tokens", "12"])
+    ours = capsys.readouterr().out
+    pipe = pipeline("text-generation", model=str(out), device="cpu")
+    theirs = pipe(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert ours == theirs + "\n" and len(ours) > len(prompt) + 1
