@@ -210,9 +210,11 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except BaseException as e:  # whatever stops it (a full disk, a bad tokenizer, Ctrl-C) leaves no half folder
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out_dir}: {e.strerror or e}")
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a folder you can write to")
+        raise
     return ckpt
 
 

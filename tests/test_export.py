@@ -147,3 +147,31 @@ def test_pipeline_greedy_equals_generate_greedy(bpe_export, capsys):
     pipe = pipeline("text-generation", model=str(out), device="cpu")
     theirs = pipe(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0]["generated_text"]
     assert ours == theirs + "\n" and len(ours) > len(prompt) + 1
+
+
+def damaged_weights(run):
+    ckpt = checkpoint.find_checkpoint(str(run[0]))
+    weights = os.path.join(ckpt, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    return ckpt
+
+
+@pytest.mark.parametrize("case", ["exists", "under a file", "damaged weights"])
+def test_bad_export_is_one_line_and_leaves_nothing(case, run, tmp_path, capsys):
+    source, out = str(run[0]), tmp_path / "hf"
+    if case == "exists":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+    elif case == "under a file":  # unwritable even as root
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "hf"
+    else:
+        source = damaged_weights(run)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: export_hf.main([source, str(out)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == before  # no new or half-written folder
+    assert case != "exists" or os.listdir(out) == ["mine.txt"]
