@@ -65,8 +65,12 @@ def hf_state_dict(model: GPT) -> dict:
 def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
     """A fast-tokenizer tokenizer.json (+ its config files) equal to the tiktoken encoding enc, via the
     converter transformers ships for tiktoken files, so AutoTokenizer needs nothing from the hub."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    try:
+        from tokenizers import AddedToken
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise UserError("exporting a tokenizer needs transformers 4.45 or later: pip install 'transformers>=4.45'")
 
     specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
     n_ranks = enc.n_vocab - len(specials)
@@ -74,10 +78,13 @@ def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
     if [i for _, i in specials] != list(range(n_ranks, enc.n_vocab)):
         raise UserError(f"tokenizer {enc.name}: special token ids {dict(specials)} do not follow its {n_ranks} "
                         f"ranks without gaps, which a Hugging Face tokenizer.json cannot express")
-    converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=[t for t, _ in specials])
+    converter = TikTokenConverter(pattern=enc._pat_str)
     ranks = enc._mergeable_ranks
     converter.load_tiktoken_bpe = lambda _: ranks  # ours, not re-read (tiktoken's reader caches by path)
-    fast = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token=EOT, eos_token=EOT,
+    converted = converter.converted()
+    # Added here, not through the converter, whose keyword for them changed name between transformers 4 and 5.
+    converted.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=EOT, eos_token=EOT,
                                    unk_token=EOT, model_max_length=max_len,
                                    clean_up_tokenization_spaces=False)  # decode must give back the text as is
     fast.save_pretrained(folder)

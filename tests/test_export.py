@@ -175,3 +175,39 @@ def test_bad_export_is_one_line_and_leaves_nothing(case, run, tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == before  # no new or half-written folder
     assert case != "exists" or os.listdir(out) == ["mine.txt"]
+
+
+TASK_YAML = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_scores_an_export_on_a_local_task(bpe_export, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the task's data and the model are both local
+        monkeypatch.setenv(var, "1")
+    out, _ = bpe_export
+    rows = [{"query": f"The cat sat {i}.", "choices": [" home", " away", " down"], "gold": i % 3} for i in range(4)]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data))
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out}", tasks=["tiny_choice"],
+                                      task_manager=TaskManager(include_path=str(tasks)), device="cpu",
+                                      batch_size=4)
+    acc = results["results"]["tiny_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert results["n-samples"]["tiny_choice"]["effective"] == 4
