@@ -62,6 +62,35 @@ def hf_state_dict(model: GPT) -> dict:
     return weights
 
 
+def gpt2_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
+    """config.json and weights of a GPT2LMHeadModel."""
+    if not model.config.bias:
+        raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
+                        f"so it cannot be exported as GPT-2")
+    return hf_config(model, eot), hf_state_dict(model)
+
+
+# One function per architecture the kit trains, (model, checkpoint, eot) -> (config.json, weights); the
+# tokenizer, generation config and model card are the same for all.
+ARCHITECTURES = {"gpt2": gpt2_files}
+
+
+def push_to_hub(folder: str, repo: str) -> str:
+    """Upload folder to the hub repository repo (created if need be); returns its address."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo, commit_message="Upload from gpt-pretrain export_hf.py")
+    except Exception as e:  # network, authentication and naming errors all come from here
+        raise UserError(f"cannot push {folder} to the hub repository {repo}: {str(e).splitlines()[0]}; the export "
+                        f"itself is complete. Check the name and your login (hf auth login or HF_TOKEN)")
+    return str(url)
+
+
 def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
     """A fast-tokenizer tokenizer.json (+ its config files) equal to the tiktoken encoding enc, via the
     converter transformers ships for tiktoken files, so AutoTokenizer needs nothing from the hub."""
@@ -184,20 +213,20 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Write the newest checkpoint under source (or source itself) to out_dir; returns the checkpoint exported."""
     ckpt = checkpoint.find_checkpoint(source)
     model, tokenizer = checkpoint.load_model(ckpt, "cpu")
-    if not model.config.bias:
-        raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
-                        f"so it cannot be exported as GPT-2")
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists; choose a new folder or pass --overwrite to replace it")
     eot = GPT2_EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eot_token
+    # The modern architecture will name itself in the model config; until then every checkpoint is GPT-2.
+    hf_files = ARCHITECTURES[getattr(model.config, "architecture", "gpt2")]
+    config, weights = hf_files(model, ckpt, eot)
     # Built beside out_dir under another name and renamed at the end: an interrupted export leaves no half folder.
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(model, eot), f, indent=2)
-        save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            json.dump(config, f, indent=2)
+        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -226,14 +255,19 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel).")
+    p = argparse.ArgumentParser(description="Export a checkpoint as a self-contained Hugging Face folder: model, "
+                                            "tokenizer, generation config and model card.")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder to take its newest checkpoint from")
-    p.add_argument("out_dir", help="the Hugging Face folder to write (config.json, model.safetensors)")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository "
+                                                         "(user/name; needs huggingface_hub and a login)")
     args = p.parse_args(argv)
     ckpt = export(args.checkpoint, args.out_dir, args.overwrite)
     print(f"exported {ckpt} to {args.out_dir}; it opens with transformers' AutoModelForCausalLM and AutoTokenizer.\n"
-          f"Standard evaluations (pip install lm_eval):\n  {lm_eval_command(args.out_dir)}")
+          f"Standard evaluations (pip install lm_eval accelerate):\n  {lm_eval_command(args.out_dir)}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(args.out_dir, args.push_to_hub)}")
 
 
 if __name__ == "__main__":

@@ -211,3 +211,47 @@ def test_lm_eval_scores_an_export_on_a_local_task(bpe_export, tmp_path, monkeypa
     acc = results["results"]["tiny_choice"]["acc,none"]
     assert 0.0 <= acc <= 1.0
     assert results["n-samples"]["tiny_choice"]["effective"] == 4
+
+
+def test_push_to_hub_uploads_the_exported_folder(run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:  # the hub itself is never reached from tests
+        def create_repo(self, repo, exist_ok):
+            calls.append(("create", repo, exist_ok))
+            return f"https://huggingface.co/{repo}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", sorted(os.listdir(folder_path)), repo_id))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "hf"
+    export_hf.main([str(run[0]), str(out), "--push-to-hub", "me/tiny"])
+    assert calls == [("create", "me/tiny", True), ("upload", sorted(os.listdir(out)), "me/tiny")]
+    assert "pushed to https://huggingface.co/me/tiny" in capsys.readouterr().out
+
+
+def test_push_to_hub_offline_is_one_line_and_keeps_the_export(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: export_hf.main([str(run[0]), str(tmp_path / "hf"), "--push-to-hub", "me/tiny"]))
+    err = capsys.readouterr().err
+    lines = err.splitlines()  # a warning may come first: this gpt2 model's tokenizer is not cached offline
+    assert e.value.code == 2 and lines[-1].startswith("error: cannot push") and err.count("error") == 1, err
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_old_checkpoint_tokenizer_names_still_load(random_gpt, tmp_path):
+    ranks = str(tmp_path / "tiny.tiktoken")
+    enc = train_tokenizer(["a cat sat on a mat\n"] * 20, 280, ranks)
+    ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, random_gpt(vocab_size=enc.n_vocab), ranks)
+    for new, old in ((checkpoint.RANKS, "tokenizer.tiktoken"), (checkpoint.SIDECAR, "tokenizer.json")):
+        os.rename(os.path.join(ckpt, new), os.path.join(ckpt, old))  # as checkpoints were written before
+    meta = json.loads(open(os.path.join(ckpt, "config.json")).read())
+    meta["tokenizer"] = "tokenizer.tiktoken"
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(meta, f)
+    _, tokenizer = checkpoint.load_model(ckpt)
+    assert load_tokenizer(tokenizer).encode("a cat sat") == enc.encode("a cat sat")
