@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained opens.
+"""Export a checkpoint as a self-contained Hugging Face folder: AutoModelForCausalLM, AutoTokenizer and
+pipeline("text-generation") open it offline, and lm-eval scores it.
 
     python export_hf.py out/my-run hf/my-model        # a run folder exports its newest checkpoint
 

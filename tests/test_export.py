@@ -136,10 +136,18 @@ def test_model_card_names_the_runs_numbers(bpe_export):
     assert f"lm_eval --model hf --model_args pretrained={out} --tasks hellaswag" in card
 
 
-def test_pipeline_greedy_equals_generate_greedy(bpe_export, capsys):
+@pytest.fixture
+def gpt2_export(random_gpt, tmp_path, gpt2_tiktoken):
+    ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, random_gpt(vocab_size=50257), str(gpt2_tiktoken))
+    export_hf.export(ckpt, str(tmp_path / "hf"))
+    return tmp_path / "hf", str(gpt2_tiktoken)
+
+
+@pytest.mark.parametrize("exported", ["bpe_export", "gpt2_export"])
+def test_pipeline_greedy_equals_generate_greedy(exported, request, capsys):
     from transformers import pipeline
 
-    out, _ = bpe_export
+    out, _ = request.getfixturevalue(exported)
     capsys.readouterr()
     prompt = "Once upon a time"
     generate.main(["--init-from", str(out), "--greedy", "--prompt", prompt, "--max-new-tokens", "12"])
