@@ -152,9 +152,8 @@ def lm_eval_command(out_dir: str) -> str:
     return f"lm_eval --model hf --model_args pretrained={out_dir} --tasks {LM_EVAL_TASKS} --batch_size 8"
 
 
-def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str) -> str:
+def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str, n_params: int) -> str:
     cfg, facts = model.config, run_facts(ckpt)
-    n_params = sum(p.numel() for p in model.parameters())  # the head is tied to wte, so counted once
     tokens = f"{facts['tokens']:,}" if "tokens" in facts else "unknown (the checkpoint holds no training state)"
     train_cfg = facts.get("train_config", {})
 
@@ -164,8 +163,7 @@ def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str) -> str:
         value, step = facts[key]
         return f"{value:{fmt}} (step {step})"
 
-    tok_name = "GPT-2's BPE" if tokenizer == "gpt2" or os.path.basename(tokenizer) == "gpt2.tiktoken" else \
-        f"a byte-level BPE trained for this model ({tokenizer and os.path.basename(tokenizer)})"
+    tok_name = "GPT-2's BPE" if tokenizer == "gpt2" else f"byte-level BPE (tiktoken ranks in {checkpoint.RANKS})"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -231,7 +229,8 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(model, ckpt, out_dir, tokenizer))
+            # Counted as exported: the real vocabulary, and the head tied to wte.
+            f.write(model_card(model, ckpt, out_dir, tokenizer, sum(t.numel() for t in weights.values())))
         if tokenizer == "gpt2":
             try:
                 write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)

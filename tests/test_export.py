@@ -128,7 +128,7 @@ def bpe_export(random_gpt, tmp_path):
 def test_model_card_names_the_runs_numbers(bpe_export):
     out, _ = bpe_export
     card = (out / "README.md").read_text()
-    params = sum(p.numel() for p in GPT.from_pretrained(str(out)).parameters())
+    params = sum(p.numel() for p in hf_model(out).parameters())
     for fact in ("2 layers, 4 heads, width 64, context 64", f"| parameters | {params:,} |", "| steps | 30 |",
                  "| tokens seen | 122,880 |", "| data | data/tt |", "4.2500 (step 20)", "0.3125 (step 20)",
                  "--total-batch-size 4096", "lm_eval --model hf"):
