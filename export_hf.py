@@ -163,6 +163,8 @@ def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str, n_params: in
         value, step = facts[key]
         return f"{value:{fmt}} (step {step})"
 
+    arch = f"GPT-2 (`GPT2LMHeadModel`): {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, " \
+           f"context {cfg.block_size}"
     tok_name = "GPT-2's BPE" if tokenizer == "gpt2" else f"byte-level BPE (tiktoken ranks in {checkpoint.RANKS})"
     return f"""---
 library_name: transformers
@@ -174,7 +176,7 @@ A GPT-2 language model pre-trained from scratch with this kit, exported from `{c
 
 | | |
 |---|---|
-| architecture | GPT-2 (`GPT2LMHeadModel`): {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size} |
+| architecture | {arch} |
 | parameters | {n_params:,} |
 | vocabulary | {cfg.vocab_size} tokens, {tok_name} |
 | steps | {facts['step']:,} |
