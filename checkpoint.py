@@ -4,7 +4,8 @@ half-written checkpoint that could be taken for the newest.
     ckpt_0001000/
         model.safetensors   weights (never pickle)
         config.json         model config, tokenizer identity, step
-        tokenizer.tiktoken  (+ tokenizer.json) when the tokenizer is a file, so the folder is self-contained
+        kit_tokenizer.tiktoken  (+ kit_tokenizer.json) when the tokenizer is a file, so the folder is self-contained
+                            (older checkpoints: tokenizer.tiktoken + tokenizer.json, still read)
         state.pt            optimizer, data position, RNG: loaded with torch.load(weights_only=True)
 """
 import dataclasses
@@ -21,6 +22,10 @@ from config import GPTConfig
 from errors import UserError
 from model import GPT
 from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
+
+
+# Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
+RANKS, SIDECAR = "kit_tokenizer.tiktoken", "kit_tokenizer.json"
 
 
 def staging_folder(out_dir: str, step: int, tag: str) -> str:
@@ -45,11 +50,8 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
         weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != "lm_head.weight"}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.tiktoken"))
-            sidecar = os.path.splitext(tokenizer)[0] + ".json"
-            if os.path.isfile(sidecar):
-                shutil.copyfile(sidecar, os.path.join(tmp, "tokenizer.json"))
-            tokenizer = "tokenizer.tiktoken"
+            copy_tokenizer(tokenizer, tmp)
+            tokenizer = RANKS
         meta = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer, "step": step}
         if run_id is not None:  # which run wrote it: ranks of a multi-node resume check they read the same one
             meta["run_id"] = run_id
@@ -76,6 +78,14 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
     return final
 
 
+def copy_tokenizer(ranks: str, folder: str) -> None:
+    """A rank file and its sidecar into folder under the kit's names."""
+    shutil.copyfile(ranks, os.path.join(folder, RANKS))
+    sidecar = os.path.splitext(ranks)[0] + ".json"
+    if os.path.isfile(sidecar):
+        shutil.copyfile(sidecar, os.path.join(folder, SIDECAR))
+
+
 def load_model(source: str, device="cpu") -> tuple[GPT, str]:
     """The one way every script gets a model: (model in eval mode, tokenizer spec).
 
@@ -86,6 +96,8 @@ def load_model(source: str, device="cpu") -> tuple[GPT, str]:
         model, tokenizer = _load_ours(find_checkpoint(source))
     else:
         model, tokenizer = GPT.from_pretrained(source), "gpt2"
+        if os.path.isfile(os.path.join(source, RANKS)):  # an export of ours keeps its own tokenizer
+            tokenizer = os.path.join(source, RANKS)
     return model.to(device).eval(), tokenizer
 
 
@@ -129,7 +141,7 @@ def _load_ours(ckpt: str) -> tuple[GPT, str]:
     if set(missing) - {"lm_head.weight"}:
         raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
     tokenizer = meta["tokenizer"]
-    if tokenizer == "tokenizer.tiktoken":
+    if tokenizer in (RANKS, "tokenizer.tiktoken"):
         tokenizer = os.path.join(ckpt, tokenizer)
     return model, tokenizer
 

@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel.from_pretrained opens.
+"""Export a checkpoint as a self-contained Hugging Face folder: AutoModelForCausalLM, AutoTokenizer and
+pipeline("text-generation") open it offline, and lm-eval scores it.
 
     python export_hf.py out/my-run hf/my-model        # a run folder exports its newest checkpoint
 
@@ -6,17 +7,22 @@ Our modules already carry GPT-2's names; the differences are that HF stores the 
 as Conv1D, (in, out), and its embedding has exactly the real vocabulary (ours is padded).
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+import sys
 
 from safetensors.torch import save_file
 
 import checkpoint
+from config import TrainConfig
 from errors import UserError, run_main
 from model import GPT
-from tokenizer import load_tokenizer
+from run_folder import LOG, read_log
+from tokenizer import EOT, load_tokenizer
 
+LM_EVAL_TASKS = "hellaswag,arc_easy,piqa,winogrande,lambada_openai"
 GPT2_EOT = 50256  # <|endoftext|> of tiktoken's gpt2, known without downloading the tokenizer
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -57,48 +63,213 @@ def hf_state_dict(model: GPT) -> dict:
     return weights
 
 
+def gpt2_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
+    """config.json and weights of a GPT2LMHeadModel."""
+    if not model.config.bias:
+        raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
+                        f"so it cannot be exported as GPT-2")
+    return hf_config(model, eot), hf_state_dict(model)
+
+
+# One function per architecture the kit trains, (model, checkpoint, eot) -> (config.json, weights); the
+# tokenizer, generation config and model card are the same for all.
+ARCHITECTURES = {"gpt2": gpt2_files}
+
+
+def push_to_hub(folder: str, repo: str) -> str:
+    """Upload folder to the hub repository repo (created if need be); returns its address."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError("--push-to-hub needs huggingface_hub: pip install huggingface_hub")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo, commit_message="Upload from gpt-pretrain export_hf.py")
+    except Exception as e:  # network, authentication and naming errors all come from here
+        raise UserError(f"cannot push {folder} to the hub repository {repo}: {str(e).splitlines()[0]}; the export "
+                        f"itself is complete. Check the name and your login (hf auth login or HF_TOKEN)")
+    return str(url)
+
+
+def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
+    """A fast-tokenizer tokenizer.json (+ its config files) equal to the tiktoken encoding enc, via the
+    converter transformers ships for tiktoken files, so AutoTokenizer needs nothing from the hub."""
+    try:
+        from tokenizers import AddedToken
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise UserError("exporting a tokenizer needs transformers 4.45 or later: pip install 'transformers>=4.45'")
+
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    n_ranks = enc.n_vocab - len(specials)
+    # The converter numbers added specials right after the ranks; ours must sit there too to keep their ids.
+    if [i for _, i in specials] != list(range(n_ranks, enc.n_vocab)):
+        raise UserError(f"tokenizer {enc.name}: special token ids {dict(specials)} do not follow its {n_ranks} "
+                        f"ranks without gaps, which a Hugging Face tokenizer.json cannot express")
+    converter = TikTokenConverter(pattern=enc._pat_str)
+    ranks = enc._mergeable_ranks
+    converter.load_tiktoken_bpe = lambda _: ranks  # ours, not re-read (tiktoken's reader caches by path)
+    converted = converter.converted()
+    # Added here, not through the converter, whose keyword for them changed name between transformers 4 and 5.
+    converted.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=EOT, eos_token=EOT,
+                                   unk_token=EOT, model_max_length=max_len,
+                                   clean_up_tokenization_spaces=False)  # decode must give back the text as is
+    fast.save_pretrained(folder)
+    # transformers 5 no longer writes this file; older transformers and other tools still look for it.
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, f, indent=2)
+
+
+def run_facts(ckpt: str) -> dict:
+    """What the model card reports about training, from the checkpoint's state.pt and its run's log.jsonl;
+    a fact that is missing (a weights-only checkpoint, no log) is simply left out."""
+    facts = {"step": checkpoint.read_meta(ckpt)["step"]}
+    if os.path.isfile(os.path.join(ckpt, "state.pt")):
+        train_cfg = checkpoint.load_train_state(ckpt).get("train_config", {})
+        facts["train_config"] = train_cfg
+        if "total_batch_size" in train_cfg:
+            facts["tokens"] = facts["step"] * train_cfg["total_batch_size"]
+    log = os.path.join(os.path.dirname(os.path.abspath(ckpt)), LOG)
+    if os.path.isfile(log):
+        for record in read_log(log):  # the last value at or before the exported step
+            if record.get("step", 0) <= facts["step"]:
+                for key in ("val_loss", "hellaswag_acc_norm"):
+                    if key in record:
+                        facts[key] = (record[key], record["step"])
+    return facts
+
+
+def train_command(train_cfg: dict) -> str:
+    defaults = dataclasses.asdict(TrainConfig())
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in train_cfg.items() if k in defaults and v != defaults[k]]
+    return " ".join(["python train.py", *flags])
+
+
+def lm_eval_command(out_dir: str) -> str:
+    return f"lm_eval --model hf --model_args pretrained={out_dir} --tasks {LM_EVAL_TASKS} --batch_size 8"
+
+
+def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str, n_params: int) -> str:
+    cfg, facts = model.config, run_facts(ckpt)
+    tokens = f"{facts['tokens']:,}" if "tokens" in facts else "unknown (the checkpoint holds no training state)"
+    train_cfg = facts.get("train_config", {})
+
+    def logged(key, fmt):
+        if key not in facts:
+            return "not logged"
+        value, step = facts[key]
+        return f"{value:{fmt}} (step {step})"
+
+    arch = f"GPT-2 (`GPT2LMHeadModel`): {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, " \
+           f"context {cfg.block_size}"
+    tok_name = "GPT-2's BPE" if tokenizer == "gpt2" else f"byte-level BPE (tiktoken ranks in {checkpoint.RANKS})"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {os.path.basename(os.path.abspath(out_dir))}
+
+A GPT-2 language model pre-trained from scratch with this kit, exported from `{ckpt}`.
+
+| | |
+|---|---|
+| architecture | {arch} |
+| parameters | {n_params:,} |
+| vocabulary | {cfg.vocab_size} tokens, {tok_name} |
+| steps | {facts['step']:,} |
+| tokens seen | {tokens} |
+| data | {train_cfg.get('data_dir', 'unknown')} |
+| final validation loss | {logged('val_loss', '.4f')} |
+| HellaSwag acc_norm | {logged('hellaswag_acc_norm', '.4f')} |
+
+Made with `{train_command(train_cfg) if train_cfg else 'train.py (flags unknown)'}`, then
+`python export_hf.py {ckpt} {out_dir}`.
+
+## Use
+
+```python
+from transformers import pipeline
+pipe = pipeline("text-generation", model="{out_dir}")
+print(pipe("Once upon a time", max_new_tokens=40, do_sample=False)[0]["generated_text"])
+```
+
+## Evaluation
+
+```
+{lm_eval_command(out_dir)}
+```
+
+## Intended use and limits
+
+For research and teaching on language-model pre-training. It is a small base model: it continues text, it does
+not follow instructions, and it is often wrong. It has no safety tuning and reproduces the biases of its
+training data. Not for any use where its output is relied on.
+"""
+
+
 def export(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Write the newest checkpoint under source (or source itself) to out_dir; returns the checkpoint exported."""
     ckpt = checkpoint.find_checkpoint(source)
     model, tokenizer = checkpoint.load_model(ckpt, "cpu")
-    if not model.config.bias:
-        raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
-                        f"so it cannot be exported as GPT-2")
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists; choose a new folder or pass --overwrite to replace it")
     eot = GPT2_EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eot_token
+    # The modern architecture will name itself in the model config; until then every checkpoint is GPT-2.
+    hf_files = ARCHITECTURES[getattr(model.config, "architecture", "gpt2")]
+    config, weights = hf_files(model, ckpt, eot)
     # Built beside out_dir under another name and renamed at the end: an interrupted export leaves no half folder.
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(model, eot), f, indent=2)
-        save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer != "gpt2":  # a file tokenizer travels with the model; its .json sidecar holds its pattern
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.tiktoken"))
-            sidecar = os.path.splitext(tokenizer)[0] + ".json"
-            if os.path.isfile(sidecar):
-                shutil.copyfile(sidecar, os.path.join(tmp, "tokenizer.json"))
+            json.dump(config, f, indent=2)
+        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            # Counted as exported: the real vocabulary, and the head tied to wte.
+            f.write(model_card(model, ckpt, out_dir, tokenizer, sum(t.numel() for t in weights.values())))
+        if tokenizer == "gpt2":
+            try:
+                write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)
+            except UserError as e:  # offline and never cached: the model is still usable with the hub's gpt2
+                print(f"warning: no tokenizer files written ({e}); AutoTokenizer 'gpt2' is the same tokenizer",
+                      file=sys.stderr)
+        else:
+            write_hf_tokenizer(load_tokenizer(tokenizer), tmp, model.config.block_size)
+            # The kit's own files keep names no Hugging Face tool reads, so --init-from can rebuild it exactly.
+            checkpoint.copy_tokenizer(tokenizer, tmp)
         old = f"{tmp}.old"
         if os.path.exists(out_dir):  # moved aside, and deleted only once the new folder is in place
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except BaseException as e:  # whatever stops it (a full disk, a bad tokenizer, Ctrl-C) leaves no half folder
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out_dir}: {e.strerror or e}")
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a folder you can write to")
+        raise
     return ckpt
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face GPT-2 folder (GPT2LMHeadModel).")
+    p = argparse.ArgumentParser(description="Export a checkpoint as a self-contained Hugging Face folder: model, "
+                                            "tokenizer, generation config and model card.")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder to take its newest checkpoint from")
-    p.add_argument("out_dir", help="the Hugging Face folder to write (config.json, model.safetensors)")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this hub repository "
+                                                         "(user/name; needs huggingface_hub and a login)")
     args = p.parse_args(argv)
     ckpt = export(args.checkpoint, args.out_dir, args.overwrite)
-    print(f"exported {ckpt} to {args.out_dir}; open it with transformers.GPT2LMHeadModel.from_pretrained")
+    print(f"exported {ckpt} to {args.out_dir}; it opens with transformers' AutoModelForCausalLM and AutoTokenizer.\n"
+          f"Standard evaluations (pip install lm_eval accelerate):\n  {lm_eval_command(args.out_dir)}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(args.out_dir, args.push_to_hub)}")
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def test_checkpoint_round_trip(random_gpt, tmp_path, gpt2_tiktoken):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
-    assert tokenizer == os.path.join(ckpt, "tokenizer.tiktoken") and os.path.isfile(tokenizer)
+    assert tokenizer == os.path.join(ckpt, checkpoint.RANKS) and os.path.isfile(tokenizer)
     restored = checkpoint.load_train_state(ckpt)
     assert restored["step"] == 7 and torch.equal(restored["rng"], state["rng"])
 
