@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--init-from", metavar="NAME_OR_DIR",
                         help="GPT-2 weights instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl; online)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
-    p.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples, decoded together as one batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="per sample, which also ends at <|endoftext|> (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
@@ -103,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same samples (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
-                   help="autocast dtype; auto is bfloat16 where the hardware has it natively (CUDA, AMX/AVX512-BF16 CPUs), else float32")
+                   help="the weights' dtype; auto is bfloat16 where the hardware has it natively (CUDA, AMX/AVX512-BF16 "
+                        "CPUs), else float32 (the choice that matches transformers token for token)")
     p.add_argument("--tokenizer", help="gpt2 or a .tiktoken file; by default the one the checkpoint names")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (slow; to debug)")
     args = p.parse_args(argv)
@@ -125,21 +127,25 @@ def main(argv=None):
     if enc.n_vocab != model.config.vocab_size:
         raise UserError(f"tokenizer {args.tokenizer or tokenizer} has {enc.n_vocab} tokens but the model "
                         f"{source} has {model.config.vocab_size}; pass the tokenizer it was trained with")
-    print(f"sampling from {source} on {device}", file=sys.stderr)
+    if dtype != torch.float32:  # native bf16: the weights themselves, half the bytes each decode step reads
+        model.to(dtype)
+    print(f"sampling from {source} on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     ids = encode_prompt(enc, args.prompt, model.config.block_size)
     # One generator for all samples: a seed reproduces the whole run, and the samples differ from each other.
     generator = torch.Generator(device).manual_seed(args.seed)
     temperature = 0.0 if args.greedy else args.temperature
-    for i in range(args.num_samples):
-        if i:
-            print(RULE)
+    pieces = stream(model, enc, ids, args.num_samples, args.max_new_tokens, temperature, args.top_k or None,
+                    args.top_p, generator, use_cache=not args.no_cache)
+    if args.num_samples == 1:  # one sample streams as it is produced
         print(args.prompt, end="", flush=True)
-        with runtime.autocast(device, dtype):
-            for _, text in stream(model, enc, ids, 1, args.max_new_tokens, temperature, args.top_k or None,
-                                  args.top_p, generator, use_cache=not args.no_cache):
-                print(text, end="", flush=True)
+        for _, text in pieces:
+            print(text, end="", flush=True)
         print()
-
+        return
+    texts = [""] * args.num_samples  # several decode as one batch, then print one after the other
+    for row, text in pieces:
+        texts[row] += text
+    print(f"\n{RULE}\n".join(args.prompt + text for text in texts))
 
 if __name__ == "__main__":
     run_main(main)

@@ -40,11 +40,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype. 'auto' is bfloat16 where the hardware computes it natively (GPUs since Ampere; CPUs
-    with AMX or AVX512-BF16, where its matmuls run 5-7x faster than float32 at equal loss: see BENCHMARKS.md),
+    with AMX or AVX512-BF16, where its large matmuls run ~6x faster than float32 and a training step 1.2-1.6x:
+    see BENCHMARKS.md),
     float32 elsewhere: on other CPUs bfloat16 is emulated and slower."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":  # emulated bf16 (pre-Ampere) would be slower than float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
@@ -64,15 +65,20 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# Dense bfloat16 tensor-core peaks from the datasheets (no sparsity), by a substring of the device name.
-GPU_PEAK_BF16 = {"H100": 989e12, "A100": 312e12}
+# Dense bfloat16 tensor-core peaks from the datasheets (no sparsity; GeForce cards with float32 accumulation),
+# matched in order against the device name: a more specific name comes before the one it contains.
+GPU_PEAK_BF16 = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s the device can reach in this dtype: the datasheet for known GPUs, else a timed large matmul."""
     if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_BF16.items():
+        for key, flops in GPU_PEAK_BF16:
             if key in name:
                 return flops
     return measure_matmul_flops(device, dtype)
@@ -85,11 +91,14 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
     b = torch.full((n, n), 0.25, device=device, dtype=dtype)
     a @ b  # warm up: first calls pick kernels and allocate
     synchronize(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    start = time.perf_counter()
+    a @ b
+    synchronize(device)
+    reps = max(1, int(seconds / max(time.perf_counter() - start, 1e-6)))
+    start = time.perf_counter()
+    for _ in range(reps):  # queued back to back, one wait at the end: a sync per matmul would idle the GPU
         a @ b
-        reps += 1
-        synchronize(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
@@ -126,7 +135,10 @@ class Dist:
 def setup_distributed(device_name: str = "auto") -> Dist:
     """One process, or one of torchrun's: NCCL with a GPU per process on CUDA, gloo on CPU (same logic, testable)."""
     if "RANK" not in os.environ:
-        return Dist(device=pick_device(device_name))
+        device = pick_device(device_name)
+        if device.type == "cuda":  # cuda:N: kernels, caches and flash attention must run on N, not on GPU 0
+            torch.cuda.set_device(device)
+        return Dist(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(device_name)
     if device.type == "cuda":
