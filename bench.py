@@ -26,7 +26,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -35,7 +34,6 @@ import torch
 import checkpoint
 import export_hf
 import hellaswag
-import prepare_data
 import runtime
 from config import PRESETS, GPTConfig, TrainConfig
 from dataloader import DataLoader, DeviceBatches, write_shard
@@ -95,7 +93,7 @@ class Bench:
 
     def __init__(self, args):
         self.device = runtime.pick_device(args.device)
-        self.quick = args.quick
+        self.quick, self.nanogpt = args.quick, args.nanogpt
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         # Compile times from an empty cache, as a first run sees them, not from whatever the last run left.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.tmp / "inductor")
@@ -465,6 +463,28 @@ def bench_memory(b: Bench):
 
 # ---------------------------------------------------------------- the report
 
+# ---------------------------------------------------------------- 7. train.py itself against nanoGPT
+
+def bench_nanogpt(b: Bench):
+    """../shared/tools/vs_nanogpt.py: nanoGPT's own train.py and ours, alternating on the same tokens (the figure
+    a user gets, not a copy of our step). Needs --nanogpt PATH, a karpathy/nanoGPT work tree."""
+    tool = HERE.parent / "shared" / "tools" / "vs_nanogpt.py"
+    if not b.nanogpt or not tool.is_file():
+        print("nanogpt: skipped (give --nanogpt PATH; needs ../shared/tools/vs_nanogpt.py)", flush=True)
+        return
+    steps, repeats = b.q((25, 2), (8, 1))
+    out = subprocess.run([sys.executable, str(tool), "--nanogpt", b.nanogpt, "--steps", str(steps),
+                          "--repeats", str(repeats)], cwd=HERE, capture_output=True, text=True)
+    if out.returncode:
+        raise UserError(f"vs_nanogpt.py failed: {out.stderr.strip()[-300:]}")
+    rows = [line.strip("|").split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    for name, tps, ratio, rss, val in ([c.strip() for c in r] for r in rows[1:]):
+        target = {"train.py defaults": 2.0, "train.py --compile": 2.5}.get(name)
+        ratio_value = float(ratio.rstrip("x"))
+        yield Row(name, f"{tps} tok/s", details=f"peak RSS {rss} MB; val loss {val}", ratio=ratio,
+                  target=f">= {target}x nanoGPT" if target else "", meets=ratio_value >= target if target else None)
+
+
 SECTIONS = {  # name: (title, function)
     "train": ("Training step", bench_train),
     "data": ("Data loading", bench_data),
@@ -472,6 +492,7 @@ SECTIONS = {  # name: (title, function)
     "generate": ("Generation", bench_generate),
     "hellaswag": ("HellaSwag scoring", bench_hellaswag),
     "memory": ("Memory of a long run", bench_memory),
+    "nanogpt": ("train.py against nanoGPT", bench_nanogpt),
 }
 
 INTRO = """# Benchmarks
@@ -548,6 +569,7 @@ def main(argv=None):
     p.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--nanogpt", metavar="PATH", help="a karpathy/nanoGPT work tree: the nanogpt section runs only with it")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
@@ -579,7 +601,8 @@ def main(argv=None):
                 rows.append(Row("FAILED", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
                 print_row(name, rows[-1])
             print(f"{name:9} ({time.perf_counter() - start:.0f} s)", flush=True)
-            blocks[name] = section_markdown(title, command, env, rows)
+            if rows:  # a skipped section keeps its earlier figures
+                blocks[name] = section_markdown(title, command, env, rows)
         write_report(args.out, blocks)
         print(f"wrote {args.out}")
     finally:

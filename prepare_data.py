@@ -74,6 +74,8 @@ def main(argv=None):
         "tokenizer": "gpt2" if args.tokenizer == "gpt2" else saved_tokenizer.name,
         "vocab_size": enc.n_vocab, "eot": enc.eot_token, "source": args.source, "splits": splits,
         "invalid_utf8_documents": counts["invalid_utf8"], "settings": settings,
+        # train.py's --shuffle default: fineweb-edu's documents come shuffled; a local corpus is often ordered.
+        "shuffle": args.source != "fineweb-edu",
         "shard_format": {"magic": MAGIC, "version": VERSION, "header_int32": 256, "dtype": "uint16"},
     }
     write_json_atomic(out / "meta.json", meta)

@@ -284,6 +284,7 @@ def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_pat
     val_lengths = [len(gpt2.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
     assert sum(val_lengths) == splits["val"]["tokens"] and sum(val_lengths[:-1]) < 200 <= sum(val_lengths)
     assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
+    assert meta["shuffle"] is True  # a local corpus: train.py shuffles its windows by default
     assert not (tmp_path / "out" / "job.json").exists()
 
 
@@ -302,6 +303,7 @@ def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
     hub = fineweb_copy(tmp_path / "fw", sample, other)
     prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["shuffle"] is False  # shuffled at the source
     prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
                  "--val-tokens", 10)
     assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
