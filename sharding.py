@@ -57,7 +57,9 @@ def gathered(model):
         return
     model.unshard()
     try:
-        yield
+        # Eager here: compiled blocks would recompile for every new length that decoding and scoring feed them.
+        with torch.compiler.set_stance("force_eager"):
+            yield
     finally:
         model.reshard()
 
