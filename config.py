@@ -25,6 +25,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     pad_vocab_multiple: int = 64  # pad the embedding rows to a multiple of this for faster matmuls; 1 = no padding
     layer_norm_eps: float = 1e-5
+    arch: str = "gpt2"  # gpt2 | modern (rotary, RMSNorm, SwiGLU, QK-norm, as Qwen3 lays them out)
+    rope_theta: float = 10000.0  # modern only
+    norm_eps: float = 1e-6  # modern only: RMSNorm epsilon (Qwen3's default)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -152,6 +155,8 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
     if model_cfg.n_embd % model_cfg.n_head:
         raise UserError(f"n_embd {model_cfg.n_embd} is not a multiple of n_head {model_cfg.n_head}: each head "
                         f"gets n_embd / n_head channels; change one of them")
+    if model_cfg.arch not in ("gpt2", "modern"):
+        raise UserError(f"arch must be gpt2 or modern, got {model_cfg.arch!r}")
     if not 0 <= model_cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
     if train_cfg.parallel not in ("ddp", "fsdp"):

@@ -261,6 +261,39 @@ class _HeadLoss(torch.autograd.Function):
         return (grad_h.to(h_dtype) * grad_loss, (grad_w * grad_loss).to(w_dtype), None, None, None, None)
 
 
+class RMSNorm(nn.Module):
+    """Gain only, no mean subtraction; the parameter is named `weight` so Qwen3 checkpoints map one to one."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 as Qwen3 does, so bf16 activations give the same result as its class.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin for explicit positions (B, T) or (T,), so packed sequences and a KV cache rotate correctly."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    # Halves, not interleaved pairs: the layout of Qwen3's (and Llama's) checkpoints.
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim) or (B, T, head_dim)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
 def sample(logits, temperature: float, top_k: Optional[int], top_p: float, generator=None):
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
     if temperature == 0:
