@@ -36,3 +36,21 @@ def test_rotary_equals_qwen3_at_explicit_positions():
 def test_unknown_arch_is_one_line():
     with pytest.raises(UserError, match="arch must be gpt2 or modern"):
         check_values(GPTConfig(arch="llama"), TrainConfig())
+
+
+def test_modern_logits_equal_qwen3():
+    from model import GPT, swiglu_hidden_size
+
+    cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=128)
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    for p in ours.parameters():  # zero-initialised projections would hide mistakes
+        p.data.normal_(0, 0.1)
+    theirs = qwen3.Qwen3ForCausalLM(qwen3.Qwen3Config(
+        vocab_size=cfg.padded_vocab_size, hidden_size=64, intermediate_size=swiglu_hidden_size(64),
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=True, attention_bias=False)).eval()
+    theirs.load_state_dict(ours.state_dict())
+    idx = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits[..., :128], atol=1e-4, rtol=0)
