@@ -38,6 +38,22 @@ class KVCache:
         return out
 
 
+def attend(q, k, v, layer: int, cache: Optional[KVCache], attn_mask, dropout_p: float):
+    """Attention of (B, n_head, T, head_dim) queries over the cached keys plus these; writes k, v into the cache."""
+    T = q.shape[2]
+    is_causal = attn_mask is None and T > 1
+    if cache is not None:
+        start = cache.pos
+        cache.k[layer, :, :, start:start + T] = k
+        cache.v[layer, :, :, start:start + T] = v
+        k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        if start > 0 and attn_mask is None and T > 1:
+            # is_causal aligns the triangle top-left; new queries sit after `start` cached keys.
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -51,18 +67,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        is_causal = attn_mask is None and T > 1
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
-            if start > 0 and attn_mask is None and T > 1:
-                # is_causal aligns the triangle top-left; new queries sit after `start` cached keys.
-                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, layer, cache, attn_mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -319,17 +324,7 @@ class ModernAttention(nn.Module):
         # QK-norm per head before rotation, as Qwen3.
         q, k, v = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin), \
             apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin), v.transpose(1, 2)
-        is_causal = attn_mask is None and T > 1
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
-            if start > 0 and attn_mask is None and T > 1:
-                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, layer, cache, attn_mask, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
