@@ -87,3 +87,14 @@ def test_modern_packed_positions_and_mask_equal_separate_forwards():
         h = model.hidden(packed, positions=positions, attn_mask=mask[None, None])
         torch.testing.assert_close(h[:, :6], model.hidden(a), atol=1e-5, rtol=0)
         torch.testing.assert_close(h[:, 6:], model.hidden(b), atol=1e-5, rtol=0)
+
+
+def test_modern_checkpoint_round_trip(tmp_path):
+    import checkpoint
+
+    model = random_modern()
+    loaded, _ = checkpoint.load_model(checkpoint.save_checkpoint(str(tmp_path), 3, model, "gpt2"))
+    assert loaded.config.arch == "modern"
+    idx = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
