@@ -88,6 +88,13 @@ PRESETS = {
     "toygpt-small": dict(n_layer=12, n_head=8, n_embd=768, block_size=512),
     "toygpt-medium": dict(n_layer=16, n_head=8, n_embd=1024, block_size=512),
     "toygpt-large": dict(n_layer=24, n_head=16, n_embd=2048, block_size=512),
+    # GPT-2's four sizes in the modern architecture: same width and depth, parameters within 5% (no position table,
+    # SwiGLU at 8/3 width).
+    **{f"modern-{size}": dict(PRESET_SHAPES, arch="modern") for size, PRESET_SHAPES in (
+        ("124m", dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)),
+        ("350m", dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)),
+        ("774m", dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024)),
+        ("1558m", dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024)))},
     # The CPU demo: the built-in tinytales corpus with its own 4,096-token tokenizer, minutes on a laptop.
     "tiny": dict(
         n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096,

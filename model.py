@@ -409,6 +409,9 @@ def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
     """Parameters as published: real vocabulary (no padding), tied head counted once; without the position
     table when include_embeddings is False (the count that scales FLOPs)."""
     C = cfg.n_embd
+    if cfg.arch == "modern":  # no position table; q/k norms per head; untied head not counted twice
+        per_layer = 2 * C + 2 * (C // cfg.n_head) + 4 * C * C + 3 * C * swiglu_hidden_size(C)
+        return cfg.vocab_size * C + cfg.n_layer * per_layer + C
     ln = 2 * C if cfg.bias else C
     per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
     n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln

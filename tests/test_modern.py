@@ -98,3 +98,15 @@ def test_modern_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_modern_presets_within_5_percent_of_gpt2_and_count_params_exact():
+    from config import PRESETS
+    from model import GPT, count_params
+
+    for gpt2, modern in (("gpt2", "modern-124m"), ("gpt2-medium", "modern-350m"), ("gpt2-large", "modern-774m"),
+                         ("gpt2-xl", "modern-1558m")):
+        ours = count_params(GPTConfig(**{k: v for k, v in PRESETS[modern].items()}))
+        assert abs(ours / count_params(GPTConfig(**PRESETS[gpt2])) - 1) < 0.05
+    cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, vocab_size=128, pad_vocab_multiple=1)
+    assert count_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
