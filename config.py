@@ -25,6 +25,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     pad_vocab_multiple: int = 64  # pad the embedding rows to a multiple of this for faster matmuls; 1 = no padding
     layer_norm_eps: float = 1e-5
+    arch: str = "gpt2"  # gpt2 | modern (rotary, RMSNorm, SwiGLU, QK-norm, as Qwen3 lays them out)
+    rope_theta: float = 10000.0  # modern only
+    norm_eps: float = 1e-6  # modern only: RMSNorm epsilon (Qwen3's default)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -85,6 +88,13 @@ PRESETS = {
     "toygpt-small": dict(n_layer=12, n_head=8, n_embd=768, block_size=512),
     "toygpt-medium": dict(n_layer=16, n_head=8, n_embd=1024, block_size=512),
     "toygpt-large": dict(n_layer=24, n_head=16, n_embd=2048, block_size=512),
+    # GPT-2's four sizes in the modern architecture: same width and depth, parameters within 5% (no position table,
+    # SwiGLU at 8/3 width).
+    **{f"modern-{size}": dict(PRESET_SHAPES, arch="modern") for size, PRESET_SHAPES in (
+        ("124m", dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)),
+        ("350m", dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)),
+        ("774m", dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024)),
+        ("1558m", dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024)))},
     # The CPU demo: the built-in tinytales corpus with its own 4,096-token tokenizer, minutes on a laptop.
     "tiny": dict(
         n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096,
@@ -152,6 +162,8 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
     if model_cfg.n_embd % model_cfg.n_head:
         raise UserError(f"n_embd {model_cfg.n_embd} is not a multiple of n_head {model_cfg.n_head}: each head "
                         f"gets n_embd / n_head channels; change one of them")
+    if model_cfg.arch not in ("gpt2", "modern"):
+        raise UserError(f"arch must be gpt2 or modern, got {model_cfg.arch!r}")
     if not 0 <= model_cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
     if train_cfg.parallel not in ("ddp", "fsdp"):

@@ -38,6 +38,22 @@ class KVCache:
         return out
 
 
+def attend(q, k, v, layer: int, cache: Optional[KVCache], attn_mask, dropout_p: float):
+    """Attention of (B, n_head, T, head_dim) queries over the cached keys plus these; writes k, v into the cache."""
+    T = q.shape[2]
+    is_causal = attn_mask is None and T > 1
+    if cache is not None:
+        start = cache.pos
+        cache.k[layer, :, :, start:start + T] = k
+        cache.v[layer, :, :, start:start + T] = v
+        k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        if start > 0 and attn_mask is None and T > 1:
+            # is_causal aligns the triangle top-left; new queries sit after `start` cached keys.
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -51,18 +67,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        is_causal = attn_mask is None and T > 1
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
-            if start > 0 and attn_mask is None and T > 1:
-                # is_causal aligns the triangle top-left; new queries sit after `start` cached keys.
-                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, layer, cache, attn_mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -92,6 +97,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    def __new__(cls, cfg: GPTConfig = None, *args, **kwargs):
+        # GPT(cfg) builds whichever architecture cfg names, so checkpoints and scripts need no dispatch of their own.
+        if cls is GPT and cfg is not None and cfg.arch == "modern":
+            cls = ModernGPT
+        return super().__new__(cls)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -261,6 +272,122 @@ class _HeadLoss(torch.autograd.Function):
         return (grad_h.to(h_dtype) * grad_loss, (grad_w * grad_loss).to(w_dtype), None, None, None, None)
 
 
+class RMSNorm(nn.Module):
+    """Gain only, no mean subtraction; the parameter is named `weight` so Qwen3 checkpoints map one to one."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 as Qwen3 does, so bf16 activations give the same result as its class.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin for explicit positions (B, T) or (T,), so packed sequences and a KV cache rotate correctly."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    # Halves, not interleaved pairs: the layout of Qwen3's (and Llama's) checkpoints.
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim) or (B, T, head_dim)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def swiglu_hidden_size(n_embd: int) -> int:
+    # 8/3 * n_embd keeps SwiGLU's three matrices at the parameter count of GPT-2's two (4x) ones; rounded to 128.
+    return (8 * n_embd // 3 + 127) // 128 * 128
+
+
+class ModernAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) for _ in range(4))
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def forward(self, x, layer, cache, attn_mask, cos, sin):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # QK-norm per head before rotation, as Qwen3.
+        q, k, v = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin), \
+            apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin), v.transpose(1, 2)
+        y = attend(q, k, v, layer, cache, attn_mask, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = swiglu_hidden_size(cfg.n_embd)
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ModernBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = ModernAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, layer, cache, attn_mask, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, attn_mask, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ModernGPT(GPT):
+    """Rotary, RMSNorm, SwiGLU, QK-norm, no biases; names and layout of transformers' Qwen3ForCausalLM."""
+
+    def __init__(self, cfg: GPTConfig):
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            layers=nn.ModuleList(ModernBlock(cfg) for _ in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # Zero output projections: every block starts as the identity, so depth does not scale the initial residual.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.zeros_(p)
+
+    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        x = self.model.embed_tokens(idx)
+        for layer, block in enumerate(self.model.layers):
+            x = block(x, layer, cache, attn_mask, cos, sin)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+
 def sample(logits, temperature: float, top_k: Optional[int], top_p: float, generator=None):
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k then nucleus (top-p) sampling."""
     if temperature == 0:
@@ -282,6 +409,9 @@ def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
     """Parameters as published: real vocabulary (no padding), tied head counted once; without the position
     table when include_embeddings is False (the count that scales FLOPs)."""
     C = cfg.n_embd
+    if cfg.arch == "modern":  # no position table; q/k norms per head; untied head not counted twice
+        per_layer = 2 * C + 2 * (C // cfg.n_head) + 4 * C * C + 3 * C * swiglu_hidden_size(C)
+        return cfg.vocab_size * C + cfg.n_layer * per_layer + C
     ln = 2 * C if cfg.bias else C
     per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
     n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln

@@ -26,7 +26,7 @@ def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: 
     autocast still keeps softmax, norms and the loss in float32)."""
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
+    for block in (model.model.layers if model.config.arch == "modern" else model.transformer.h):
         if compile_on:  # compile per block: the collectives between blocks stay outside the graphs
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp)
