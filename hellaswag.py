@@ -18,6 +18,7 @@ and the LM head (a third of GPT-2's FLOPs, most of a small model's) runs only wh
 """
 import argparse
 import gzip
+import http.client
 import json
 import os
 import time
@@ -51,8 +52,10 @@ def download(url: str, dest: str) -> str:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
+            if getattr(response, "length", None):  # read(n) gives b"" on a cut body, so check the length
+                raise http.client.IncompleteRead(b"", response.length)
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # IncompleteRead is an HTTPException
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"cannot download {url} to {dest}: {getattr(e, 'reason', None) or e}; "

@@ -73,6 +73,8 @@ def main(argv=None):
     meta = {
         "tokenizer": "gpt2" if args.tokenizer == "gpt2" else saved_tokenizer.name,
         "vocab_size": enc.n_vocab, "eot": enc.eot_token, "source": args.source, "splits": splits,
+        # fineweb-edu's documents come shuffled; small or ordered corpora need their windows shuffled each epoch
+        "shuffle": args.source != "fineweb-edu",
         "invalid_utf8_documents": counts["invalid_utf8"], "settings": settings,
         "shard_format": {"magic": MAGIC, "version": VERSION, "header_int32": 256, "dtype": "uint16"},
     }

@@ -284,6 +284,7 @@ def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_pat
     val_lengths = [len(gpt2.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
     assert sum(val_lengths) == splits["val"]["tokens"] and sum(val_lengths[:-1]) < 200 <= sum(val_lengths)
     assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
+    assert meta["shuffle"] is True  # a small local corpus: the loader shuffles its windows
     assert not (tmp_path / "out" / "job.json").exists()
 
 
@@ -300,8 +301,9 @@ def fineweb_copy(root: Path, sample_docs, other_docs):
 def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
     sample, other = make_docs(20, seed=1), make_docs(5, seed=2)
     hub = fineweb_copy(tmp_path / "fw", sample, other)
-    prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
+    meta = prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
+    assert meta["shuffle"] is False  # documents already shuffled
     prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
                  "--val-tokens", 10)
     assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
@@ -316,6 +318,7 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
     docs = [" ".join(sentences[i:i + per_doc]) for i in range(0, len(sentences), per_doc)]
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
+    assert meta["shuffle"] is True  # books in order: windows need shuffling
 
 
 def test_trained_tokenizer_end_to_end(tmp_path):

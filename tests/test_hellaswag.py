@@ -1,8 +1,10 @@
 """hellaswag.py: the packed scorer against transformers, known answers, data loading and checks, the CLI, torchrun."""
 import gzip
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,29 @@ def test_download_once_through_a_url(tmp_path, monkeypatch):
 def test_failed_download_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="cannot download .*--data PATH"):
         hellaswag.download((tmp_path / "absent.jsonl").as_uri(), str(tmp_path / "cache" / "x.jsonl"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_body_cut_short_over_http_leaves_nothing(tmp_path):
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 1000 bytes, sends 10, hangs up: urllib raises http.client.IncompleteRead
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"ctx": "a')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(UserError, match="cannot download .*--data PATH"):
+            hellaswag.download(f"http://127.0.0.1:{server.server_port}/x.jsonl", str(tmp_path / "cache" / "x.jsonl"))
+    finally:
+        thread.join(timeout=10)
+        server.server_close()
     assert list((tmp_path / "cache").iterdir()) == []
 
 
