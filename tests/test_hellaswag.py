@@ -157,6 +157,11 @@ def test_missing_or_empty_file(tmp_path):
 def test_download_once_through_a_url(tmp_path, monkeypatch):
     source = write_jsonl(tmp_path / "hellaswag_val.jsonl", [example(), example(label=2)])
     monkeypatch.setattr(hellaswag, "DATA_URL", Path(source).as_uri())
+    monkeypatch.setattr(hellaswag, "DATA_LINES", 3)
+    with pytest.raises(UserError, match="gave 2 lines, not the 3 expected"):
+        hellaswag.load_examples(None, cache_dir=str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []  # a damaged download is not kept
+    monkeypatch.setattr(hellaswag, "DATA_LINES", 2)
     cache = tmp_path / "cache"
     assert hellaswag.load_examples(None, cache_dir=str(cache)) == [example(), example(label=2)]
     assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]  # no temporary file left behind
