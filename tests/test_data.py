@@ -304,8 +304,9 @@ def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
     meta = prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
     assert meta["shuffle"] is False  # documents already shuffled
-    prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
-                 "--val-tokens", 10)
+    meta = prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
+                        "--val-tokens", 10, "--hub-revision", "v1.2.0")
+    assert meta["settings"]["hub_revision"] == "v1.2.0" and meta["settings"]["fineweb_name"] == "default"
     assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
 
 
@@ -319,6 +320,7 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
     assert meta["shuffle"] is True  # books in order: windows need shuffling
+    assert meta["settings"]["hub_revision"] == "refs/convert/parquet"  # bookcorpus's parquet export by default
 
 
 def test_trained_tokenizer_end_to_end(tmp_path):
