@@ -199,10 +199,22 @@ def hub_texts(args):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot open dataset {args.hub_path}: {reason}; check the network and --fineweb-name, "
                         f"or point --hub-path at a local copy")
-    texts = (row["text"] for row in rows)
+    texts = streamed_texts(rows, args.hub_path)
     if args.source == "bookcorpus":
         texts = (" ".join(group) for group in batched(texts, BOOKCORPUS_SENTENCES_PER_DOC))
     return texts
+
+
+def streamed_texts(rows, hub_path: str):
+    # datasets retries a dropped connection a few times and then raises ConnectionError (an OSError)
+    try:
+        for row in rows:
+            yield row["text"]
+    except OSError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"reading {hub_path} failed mid-stream ({reason}); "
+                        f"rerun the same command: finished shards are kept, and the stream starts again from its "
+                        f"first document")
 
 
 def batched(items, n: int):
