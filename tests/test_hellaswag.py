@@ -237,3 +237,12 @@ def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc,
     assert proc.returncode == 0, proc.stderr
     model, _ = checkpoint.load_model(str(hf_gpt2_dir))
     assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:11], CPU, torch.float32)
+
+
+def test_init_from_takes_the_canonical_hub_name(tmp_path, monkeypatch):
+    # offline, an accepted name gets as far as the download; a refused one would say "neither a folder"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    proc = run_cli("--init-from", "openai-community/gpt2-medium", "--data", HELLASWAG, "--limit", 1, "--device", "cpu")
+    assert proc.returncode != 0 and "cannot download gpt2-medium from the Hugging Face hub" in proc.stderr
+    assert "Traceback" not in proc.stderr
