@@ -245,8 +245,7 @@ def main():
     source.add_argument("--checkpoint", default="out", help="checkpoint folder, or a folder whose newest "
                         "checkpoint to use (default: out)")
     source.add_argument("--init-from", default=None, help="OpenAI GPT-2 by hub name (gpt2 ... gpt2-xl, with or "
-                        "without openai-community/) or a "
-                        "Hugging Face GPT-2 folder")
+                        "without openai-community/) or a Hugging Face GPT-2 folder")
     parser.add_argument("--tokenizer", default=None, help="gpt2 or a .tiktoken file (default: the model's own)")
     parser.add_argument("--data", default=None, help="local hellaswag_val.jsonl(.gz) (default: download once)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the download is kept (default: "
