@@ -18,6 +18,7 @@ and the LM head (a third of GPT-2's FLOPs, most of a small model's) runs only wh
 """
 import argparse
 import gzip
+import http.client
 import json
 import os
 import time
@@ -36,11 +37,12 @@ import tokenizer
 from errors import UserError, run_main
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+DATA_LINES = 10042  # the validation file's examples: a shorter file is a damaged download
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gpt-kit", "hellaswag")
 N_ENDINGS = 4
 
 
-def download(url: str, dest: str) -> str:
+def download(url: str, dest: str, lines: int = 0) -> str:
     """Fetch url to dest once (later calls reuse the file). Written under a temporary name, so a download that
     dies half-way is never taken for the whole file."""
     if os.path.isfile(dest):
@@ -51,8 +53,16 @@ def download(url: str, dest: str) -> str:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
+            if getattr(response, "length", None):  # read(n) gives b"" on a cut body, so check the length
+                raise http.client.IncompleteRead(b"", response.length)
+        with open(tmp, "rb") as f:
+            got = sum(1 for _ in f)
+        if lines and got != lines:
+            os.remove(tmp)
+            raise UserError(f"{url} gave {got} lines, not the {lines} expected; it was not kept; rerun to try again "
+                            f"or pass --data PATH to a local hellaswag_val.jsonl(.gz)")
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # IncompleteRead is an HTTPException
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"cannot download {url} to {dest}: {getattr(e, 'reason', None) or e}; "
@@ -64,7 +74,7 @@ def load_examples(path: Optional[str] = None, limit: int = 0, cache_dir: str = D
     """The first `limit` (0 = all) examples as {"ctx", "endings", "label"}, from a local .jsonl or .jsonl.gz,
     or (path None) from the official validation file, downloaded once into cache_dir."""
     if path is None:
-        path = download(DATA_URL, os.path.join(cache_dir, os.path.basename(DATA_URL)))
+        path = download(DATA_URL, os.path.join(cache_dir, os.path.basename(DATA_URL)), DATA_LINES)
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -234,8 +244,8 @@ def main():
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default="out", help="checkpoint folder, or a folder whose newest "
                         "checkpoint to use (default: out)")
-    source.add_argument("--init-from", default=None, help="OpenAI GPT-2 by name (gpt2 ... gpt2-xl) or a "
-                        "Hugging Face GPT-2 folder")
+    source.add_argument("--init-from", default=None, help="OpenAI GPT-2 by hub name (gpt2 ... gpt2-xl, with or "
+                        "without openai-community/) or a Hugging Face GPT-2 folder")
     parser.add_argument("--tokenizer", default=None, help="gpt2 or a .tiktoken file (default: the model's own)")
     parser.add_argument("--data", default=None, help="local hellaswag_val.jsonl(.gz) (default: download once)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the download is kept (default: "

@@ -432,6 +432,7 @@ def estimate_mfu(cfg: GPTConfig, seq_len: int, tokens_per_sec: float, peak_flops
 
 def _download(name: str) -> str:
     names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    name = name.removeprefix("openai-community/")  # today's canonical hub name; the short names still resolve
     if name not in names:
         raise UserError(f"{name!r} is neither a folder nor one of {', '.join(names)}")
     from huggingface_hub import snapshot_download

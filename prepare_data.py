@@ -73,9 +73,9 @@ def main(argv=None):
     meta = {
         "tokenizer": "gpt2" if args.tokenizer == "gpt2" else saved_tokenizer.name,
         "vocab_size": enc.n_vocab, "eot": enc.eot_token, "source": args.source, "splits": splits,
-        "invalid_utf8_documents": counts["invalid_utf8"], "settings": settings,
-        # train.py's --shuffle default: fineweb-edu's documents come shuffled; a local corpus is often ordered.
+        # fineweb-edu's documents come shuffled; small or ordered corpora need their windows shuffled each epoch
         "shuffle": args.source != "fineweb-edu",
+        "invalid_utf8_documents": counts["invalid_utf8"], "settings": settings,
         "shard_format": {"magic": MAGIC, "version": VERSION, "header_int32": 256, "dtype": "uint16"},
     }
     write_json_atomic(out / "meta.json", meta)
@@ -114,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--hub-path", help="where fineweb-edu or bookcorpus load from: a Hub dataset id or a local "
                                       "folder in the same layout (default: "
                                       f"{' or '.join(HUB_REPOS.values())})")
+    p.add_argument("--hub-revision", help="branch, tag or commit of the Hub dataset to read; meta.json records it "
+                                          "(default: main; for bookcorpus refs/convert/parquet, the Hub's parquet "
+                                          "export, since its loading script is refused by datasets>=4)")
     p.add_argument("--tinytales-tokens", type=int, default=5_000_000,
                    help="about how many tokens of stories to generate (default: 5M)")
     args = p.parse_args(argv)
@@ -135,6 +138,7 @@ def parse_args(argv=None):
         args.val_tokens = DEFAULT_VAL_TOKENS[args.source]
     if args.source in HUB_REPOS:
         args.hub_path = args.hub_path or HUB_REPOS[args.source]
+        args.hub_revision = args.hub_revision or ("refs/convert/parquet" if args.source == "bookcorpus" else None)
     if args.train_tokenizer or (args.source == "tinytales" and args.tokenizer is None):
         args.vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE.get(args.source, 50257)
         check_vocab_size(args.vocab_size)
@@ -155,6 +159,7 @@ def job_settings(args) -> dict:
         settings["tinytales_tokens"] = args.tinytales_tokens
     elif args.source in HUB_REPOS:
         settings["hub_path"] = args.hub_path
+        settings["hub_revision"] = args.hub_revision
         if args.source == "fineweb-edu":
             settings["fineweb_name"] = args.fineweb_name
     else:
@@ -185,18 +190,31 @@ def documents(args, files, counts: Counter):
 def hub_texts(args):
     import datasets  # slow to import, and only these sources need it
 
-    # bookcorpus's loading script is refused by datasets>=4; the Hub's parquet export of it loads fine.
-    where = {"name": args.fineweb_name} if args.source == "fineweb-edu" else {"revision": "refs/convert/parquet"}
+    where = {"name": args.fineweb_name} if args.source == "fineweb-edu" else {}
+    if args.hub_revision and not os.path.isdir(args.hub_path):  # a local copy has no revisions
+        where["revision"] = args.hub_revision
     try:
         rows = datasets.load_dataset(args.hub_path, split="train", streaming=True, **where)
     except Exception as e:  # network, missing repo or subset: many exception types, one remedy
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot open dataset {args.hub_path}: {reason}; check the network and --fineweb-name, "
                         f"or point --hub-path at a local copy")
-    texts = (row["text"] for row in rows)
+    texts = streamed_texts(rows, args.hub_path)
     if args.source == "bookcorpus":
         texts = (" ".join(group) for group in batched(texts, BOOKCORPUS_SENTENCES_PER_DOC))
     return texts
+
+
+def streamed_texts(rows, hub_path: str):
+    # datasets retries a dropped connection a few times and then raises ConnectionError (an OSError)
+    try:
+        for row in rows:
+            yield row["text"]
+    except OSError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"reading {hub_path} failed mid-stream ({reason}); "
+                        f"rerun the same command: finished shards are kept, and the stream starts again from its "
+                        f"first document")
 
 
 def batched(items, n: int):

@@ -284,7 +284,7 @@ def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_pat
     val_lengths = [len(gpt2.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
     assert sum(val_lengths) == splits["val"]["tokens"] and sum(val_lengths[:-1]) < 200 <= sum(val_lengths)
     assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
-    assert meta["shuffle"] is True  # a local corpus: train.py shuffles its windows by default
+    assert meta["shuffle"] is True  # a small local corpus: the loader shuffles its windows
     assert not (tmp_path / "out" / "job.json").exists()
 
 
@@ -301,11 +301,12 @@ def fineweb_copy(root: Path, sample_docs, other_docs):
 def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
     sample, other = make_docs(20, seed=1), make_docs(5, seed=2)
     hub = fineweb_copy(tmp_path / "fw", sample, other)
-    prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
+    meta = prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["shuffle"] is False  # shuffled at the source
-    prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
-                 "--val-tokens", 10)
+    assert meta["shuffle"] is False  # documents already shuffled
+    meta = prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
+                        "--val-tokens", 10, "--hub-revision", "v1.2.0")
+    assert meta["settings"]["hub_revision"] == "v1.2.0" and meta["settings"]["fineweb_name"] == "default"
     assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
 
 
@@ -318,6 +319,19 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
     docs = [" ".join(sentences[i:i + per_doc]) for i in range(0, len(sentences), per_doc)]
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
+    assert meta["shuffle"] is True  # books in order: windows need shuffling
+    assert meta["settings"]["hub_revision"] == "refs/convert/parquet"  # bookcorpus's parquet export by default
+
+
+def test_connection_lost_mid_stream_is_one_line_saying_rerun():
+    def rows():  # what datasets does after its retries run out
+        yield {"text": "first"}
+        raise ConnectionError("Max retries exceeded with url: .../000_00000.parquet")
+
+    texts = prepare_data.streamed_texts(rows(), "HuggingFaceFW/fineweb-edu")
+    assert next(texts) == "first"
+    with pytest.raises(UserError, match=r"fineweb-edu failed mid-stream \(Max retries.*\); rerun the same command"):
+        next(texts)
 
 
 def test_trained_tokenizer_end_to_end(tmp_path):

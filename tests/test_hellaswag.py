@@ -1,8 +1,10 @@
 """hellaswag.py: the packed scorer against transformers, known answers, data loading and checks, the CLI, torchrun."""
 import gzip
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,11 @@ def test_missing_or_empty_file(tmp_path):
 def test_download_once_through_a_url(tmp_path, monkeypatch):
     source = write_jsonl(tmp_path / "hellaswag_val.jsonl", [example(), example(label=2)])
     monkeypatch.setattr(hellaswag, "DATA_URL", Path(source).as_uri())
+    monkeypatch.setattr(hellaswag, "DATA_LINES", 3)
+    with pytest.raises(UserError, match="gave 2 lines, not the 3 expected"):
+        hellaswag.load_examples(None, cache_dir=str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []  # a damaged download is not kept
+    monkeypatch.setattr(hellaswag, "DATA_LINES", 2)
     cache = tmp_path / "cache"
     assert hellaswag.load_examples(None, cache_dir=str(cache)) == [example(), example(label=2)]
     assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]  # no temporary file left behind
@@ -165,6 +172,29 @@ def test_download_once_through_a_url(tmp_path, monkeypatch):
 def test_failed_download_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="cannot download .*--data PATH"):
         hellaswag.download((tmp_path / "absent.jsonl").as_uri(), str(tmp_path / "cache" / "x.jsonl"))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_body_cut_short_over_http_leaves_nothing(tmp_path):
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 1000 bytes, sends 10, hangs up: urllib raises http.client.IncompleteRead
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"ctx": "a')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(UserError, match="cannot download .*--data PATH"):
+            hellaswag.download(f"http://127.0.0.1:{server.server_port}/x.jsonl", str(tmp_path / "cache" / "x.jsonl"))
+    finally:
+        thread.join(timeout=10)
+        server.server_close()
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -207,3 +237,12 @@ def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc,
     assert proc.returncode == 0, proc.stderr
     model, _ = checkpoint.load_model(str(hf_gpt2_dir))
     assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:11], CPU, torch.float32)
+
+
+def test_init_from_takes_the_canonical_hub_name(tmp_path, monkeypatch):
+    # offline, an accepted name gets as far as the download; a refused one would say "neither a folder"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    proc = run_cli("--init-from", "openai-community/gpt2-medium", "--data", HELLASWAG, "--limit", 1, "--device", "cpu")
+    assert proc.returncode != 0 and "cannot download gpt2-medium from the Hugging Face hub" in proc.stderr
+    assert "Traceback" not in proc.stderr
