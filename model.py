@@ -128,6 +128,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def positions(self, idx, cache: Optional[KVCache]) -> torch.Tensor:
+        """The default positions of idx's tokens: after those already in the cache, within block_size."""
+        start, T = (cache.pos if cache is not None else 0), idx.shape[1]
+        if start + T > self.config.block_size:
+            raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        return torch.arange(start, start + T, device=idx.device)
+
     def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
         """Final hidden states (after ln_f), shape (B, T, n_embd).
 
@@ -135,11 +142,7 @@ class GPT(nn.Module):
         attn_mask: boolean (B or 1, 1, T, keys) where True may attend; default causal.
         """
         T = idx.shape[1]
-        start = cache.pos if cache is not None else 0
-        if positions is None:
-            if start + T > self.config.block_size:
-                raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-            positions = torch.arange(start, start + T, device=idx.device)
+        positions = self.positions(idx, cache) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, layer, cache, attn_mask)
@@ -374,11 +377,7 @@ class ModernGPT(GPT):
 
     def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
         T = idx.shape[1]
-        start = cache.pos if cache is not None else 0
-        if positions is None:
-            if start + T > self.config.block_size:
-                raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-            positions = torch.arange(start, start + T, device=idx.device)
+        positions = self.positions(idx, cache) if positions is None else positions
         cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
         x = self.model.embed_tokens(idx)
         for layer, block in enumerate(self.model.layers):
