@@ -323,17 +323,6 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
     assert meta["settings"]["hub_revision"] == "refs/convert/parquet"  # bookcorpus's parquet export by default
 
 
-def test_connection_lost_mid_stream_is_one_line_saying_rerun():
-    def rows():  # what datasets does after its retries run out
-        yield {"text": "first"}
-        raise ConnectionError("Max retries exceeded with url: .../000_00000.parquet")
-
-    texts = prepare_data.streamed_texts(rows(), "HuggingFaceFW/fineweb-edu")
-    assert next(texts) == "first"
-    with pytest.raises(UserError, match=r"fineweb-edu failed mid-stream \(Max retries.*\); rerun the same command"):
-        next(texts)
-
-
 def test_trained_tokenizer_end_to_end(tmp_path):
     docs = make_docs(200, seed=3)
     write_jsonl(tmp_path / "c.jsonl", docs)
