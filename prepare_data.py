@@ -613,22 +613,23 @@ class ShardWriter:
     def resume(self, state: dict) -> bool:
         """Take up from a state the shards on disk hold: the shards before it whole, and the next one beginning
         with the tokens the state had in memory. False, changing nothing, if they do not."""
-        size = len(self.buffer)
-        written = state["tokens"] - state["fill"]
-        if any(not self._path(i).is_file() or os.path.getsize(self._path(i)) != HEADER_BYTES + 2 * min(
-                size, written - i * size) for i in range(state["shards"])):
+        size, fill = len(self.buffer), state["fill"]
+        written = state["tokens"] - fill
+        if not all(self._tokens_on_disk(i) == min(size, written - i * size) for i in range(state["shards"])):
             return False
-        if state["fill"]:
-            try:
-                tail = read_shard(str(self._path(state["shards"])))
-            except UserError:
+        if fill:
+            tail = whole_shard(self._path(state["shards"]))
+            if tail is None or len(tail) < fill:
                 return False
-            if len(tail) < state["fill"]:
-                return False
-            self.buffer[:state["fill"]] = tail[:state["fill"]]
-        self.documents, self.tokens, self.shards, self.fill = (state[k] for k in ("documents", "tokens", "shards",
-                                                                                  "fill"))
+            self.buffer[:fill] = tail[:fill]
+        self.documents, self.tokens, self.shards = state["documents"], state["tokens"], state["shards"]
+        self.fill = fill
         return True
+
+    def _tokens_on_disk(self, index: int) -> int:
+        """How many tokens shard index holds by its file's size (shards are renamed in place whole); -1: none."""
+        path = self._path(index)
+        return (path.stat().st_size - HEADER_BYTES) // 2 if path.is_file() else -1
 
     def _path(self, index: int) -> Path:
         return self.out / f"{self.split}_{index:06d}.bin"
@@ -637,19 +638,21 @@ class ShardWriter:
         path = self._path(self.shards)
         tokens = self.buffer[:self.fill]
         # A resumed run writes again the shards after its resume point: ones a killed run finished need not be.
-        if not same_shard(path, tokens):
+        old = whole_shard(path)
+        if old is None or not np.array_equal(old, tokens):
             write_shard(str(path), tokens)
         self.shards += 1
         self.fill = 0
 
 
-def same_shard(path: Path, tokens: np.ndarray) -> bool:
+def whole_shard(path: Path):
+    """The shard's tokens, or None if it is missing or damaged (then it is simply written again)."""
     if not path.exists():
-        return False
+        return None
     try:
-        return bool(np.array_equal(read_shard(str(path)), tokens))
-    except UserError:  # a damaged shard is simply written again
-        return False
+        return read_shard(str(path))
+    except UserError:
+        return None
 
 
 class Progress:
