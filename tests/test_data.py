@@ -384,6 +384,19 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, big, gpt2_tiktoken)
     assert shard_bytes(tmp_path / "one") == shard_bytes(big / "reference")
 
 
+@pytest.fixture
+def jsonl_reads(monkeypatch):
+    """The names of the .jsonl files prepare_data opens from now on, in order."""
+    read, jsonl_texts = [], prepare_data.jsonl_texts
+
+    def reading(path, counts):
+        read.append(path.name)
+        return jsonl_texts(path, counts)
+
+    monkeypatch.setattr(prepare_data, "jsonl_texts", reading)
+    return read
+
+
 def resume_file(out: Path) -> int:
     """The first source file a rerun would read, as job.json says now (0 before it says anything)."""
     try:
@@ -394,7 +407,7 @@ def resume_file(out: Path) -> int:
 
 
 def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tmp_path, big, gpt2_tiktoken,
-                                                                              prepare_gpt2, monkeypatch, capsys):
+                                                                              prepare_gpt2, jsonl_reads, capsys):
     out = tmp_path / "killed"
     argv = ("--input", big / "part*.jsonl", "--out", out, "--workers", 1, "--tokenizer", gpt2_tiktoken, *RUN)
     proc = subprocess.Popen([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT,
@@ -413,14 +426,7 @@ def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tm
     shutil.copytree(out, damaged)
     (damaged / "train_000001.bin").unlink()
 
-    read = []
-    jsonl_texts = prepare_data.jsonl_texts
-
-    def reading(path, counts):
-        read.append(path.name)
-        return jsonl_texts(path, counts)
-
-    monkeypatch.setattr(prepare_data, "jsonl_texts", reading)
+    read = jsonl_reads
     prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
     assert read == [f"part{i}.jsonl" for i in range(skipped, 4)]  # the files before the resume point: not read
     assert shard_bytes(out) == shard_bytes(big / "reference")
@@ -431,6 +437,29 @@ def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tm
     assert "do not hold the unfinished job's resume point" in capsys.readouterr().err
     assert read == [f"part{i}.jsonl" for i in range(4)]  # from the start, to put the lost shard back
     assert shard_bytes(damaged) == shard_bytes(big / "reference")
+
+
+def test_resume_after_a_bad_file_takes_up_a_val_split_spanning_files(tmp_path, prepare_gpt2, jsonl_reads):
+    docs = make_docs(60, seed=5)
+    src, fixed = tmp_path / "src", tmp_path / "fixed"
+    for folder in (src, fixed):
+        folder.mkdir()
+        for i in range(3):
+            write_jsonl(folder / f"p{i}.jsonl", docs[20 * i:20 * i + 20])
+    good = (src / "p2.jsonl").read_bytes()
+    (src / "p2.jsonl").write_bytes(b"[" + good[1:])  # not JSON, and the same size as once it is fixed
+    run = ("--shard-size", 300, "--val-tokens", 2500)  # val: all of p0 and part of p1
+    with pytest.raises(UserError, match="p2.jsonl:1: not valid JSON"):
+        prepare_gpt2(tmp_path / "out", "--input", src, *run)
+    assert resume_file(tmp_path / "out") == 1
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["resume"]["val"]["fill"] > 0  # val's tokens after its last shard, to be read back from the next
+    (src / "p2.jsonl").write_bytes(good)
+    jsonl_reads.clear()
+    prepare_gpt2(tmp_path / "out", "--input", src, *run)
+    assert jsonl_reads == ["p1.jsonl", "p2.jsonl"]
+    prepare_gpt2(tmp_path / "reference", "--input", fixed, *run)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "reference")
 
 
 def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gpt2):
@@ -530,9 +559,10 @@ def test_hub_files_are_downloaded_tokenized_and_recorded(tmp_path, hub, run_hub,
     assert shard_bytes(out) == shard_bytes(fineweb_reference)  # as from a local copy
     assert hub.downloads() == sorted(fineweb_files)  # the subset's files, each once, in order; nothing else
     meta = json.loads((out / "meta.json").read_text())
+    files = [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+             for path, data in sorted(fineweb_files.items())]
     assert meta["provenance"] == {"repo": FINEWEB, "revision": "main", "commit": sha, "subset": "sample-10BT",
-                                  "files": [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                                            for path, data in sorted(fineweb_files.items())]}
+                                  "files": files}
     assert all((out / "downloads" / path).read_bytes() == data for path, data in fineweb_files.items())
 
     hub.log.clear()  # again with another shard size: the kept files are read, not downloaded
