@@ -2,9 +2,9 @@
 
 Every document is preceded by <|endoftext|>. The first whole documents, at least --val-tokens of them, form the
 val split; the rest is train. The output depends only on the flags, never on --workers. Sources are read file by
-file in sorted order; Hub files are downloaded one at a time and tokenized as they arrive. A run killed partway
-resumes: files whose tokens are already in finished shards are neither downloaded nor read again, and the shards
-come out byte-identical to an uninterrupted run.
+file in a fixed order; Hub files, sorted by path, are downloaded one at a time and tokenized as they arrive. A run
+killed partway resumes: files whose tokens are already in finished shards are neither downloaded nor read again,
+and the shards come out byte-identical to an uninterrupted run.
 
     python prepare_data.py                          # tinytales, with its own 4,096-token tokenizer
     python prepare_data.py --dataset fineweb-edu    # GPT-2 tokens of fineweb-edu sample-10BT
