@@ -1,13 +1,17 @@
 """Shards, the DataLoader, and prepare_data.py end to end on local files and local copies of the hub layouts."""
 import base64
+import hashlib
+import io
 import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import torch
 import prepare_data
 from dataloader import HEADER_BYTES, MAGIC, DataLoader, read_shard, write_shard
 from errors import UserError
+from hub_server import HubServer
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +293,17 @@ def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_pat
     assert not (tmp_path / "out" / "job.json").exists()
 
 
+def test_limit_docs_stops_within_a_file_and_provenance_lists_the_files_read(tmp_path, gpt2, prepare_gpt2):
+    docs = make_docs(30, seed=4)
+    for i in range(3):
+        write_jsonl(tmp_path / f"p{i}.jsonl", docs[10 * i:10 * i + 10])
+    meta = prepare_gpt2(tmp_path / "out", "--input", tmp_path / "p*.jsonl", "--limit-docs", 15, "--val-tokens", 50)
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs[:15]))
+    files = [{"path": str(tmp_path / f"p{i}.jsonl"), "size": (tmp_path / f"p{i}.jsonl").stat().st_size}
+             for i in range(2)]
+    assert meta["provenance"] == {"files": files}  # the third was never opened
+
+
 def fineweb_copy(root: Path, sample_docs, other_docs):
     """A local folder laid out as the Hub repo: subsets declared in the README's YAML header."""
     write_parquet(root / "sample" / "10BT" / "000_00000.parquet", sample_docs)
@@ -321,17 +337,6 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
     assert meta["shuffle"] is True  # books in order: windows need shuffling
     assert meta["settings"]["hub_revision"] == "refs/convert/parquet"  # bookcorpus's parquet export by default
-
-
-def test_connection_lost_mid_stream_is_one_line_saying_rerun():
-    def rows():  # what datasets does after its retries run out
-        yield {"text": "first"}
-        raise ConnectionError("Max retries exceeded with url: .../000_00000.parquet")
-
-    texts = prepare_data.streamed_texts(rows(), "HuggingFaceFW/fineweb-edu")
-    assert next(texts) == "first"
-    with pytest.raises(UserError, match=r"fineweb-edu failed mid-stream \(Max retries.*\); rerun the same command"):
-        next(texts)
 
 
 def test_trained_tokenizer_end_to_end(tmp_path):
@@ -379,24 +384,82 @@ def test_one_and_two_workers_give_identical_shards(tmp_path, big, gpt2_tiktoken)
     assert shard_bytes(tmp_path / "one") == shard_bytes(big / "reference")
 
 
-def test_resume_after_sigkill_gives_identical_shards(tmp_path, big, gpt2_tiktoken):
+@pytest.fixture
+def jsonl_reads(monkeypatch):
+    """The names of the .jsonl files prepare_data opens from now on, in order."""
+    read, jsonl_texts = [], prepare_data.jsonl_texts
+
+    def reading(path, counts):
+        read.append(path.name)
+        return jsonl_texts(path, counts)
+
+    monkeypatch.setattr(prepare_data, "jsonl_texts", reading)
+    return read
+
+
+def resume_file(out: Path) -> int:
+    """The first source file a rerun would read, as job.json says now (0 before it says anything)."""
+    try:
+        point = json.loads((out / "job.json").read_text())["resume"]  # replaced atomically: never half-read
+    except FileNotFoundError:
+        return 0
+    return point["file"] if point else 0
+
+
+def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tmp_path, big, gpt2_tiktoken,
+                                                                              prepare_gpt2, jsonl_reads, capsys):
     out = tmp_path / "killed"
     argv = ("--input", big / "part*.jsonl", "--out", out, "--workers", 1, "--tokenizer", gpt2_tiktoken, *RUN)
     proc = subprocess.Popen([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (out / "train_000003.bin").exists() and proc.poll() is None and time.time() < deadline:
+        while resume_file(out) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-job
         proc.wait()
     assert not (out / "meta.json").exists(), "the run finished before it could be killed"
-    assert (out / "job.json").exists()
-    result = run_cli(*argv)
-    assert result.returncode == 0, result.stderr
+    skipped = resume_file(out)
+    assert skipped >= 2, "the run was killed before two files were in finished shards"
+    damaged = tmp_path / "damaged"  # the same killed job, less one shard before its resume point
+    shutil.copytree(out, damaged)
+    (damaged / "train_000001.bin").unlink()
+
+    read = jsonl_reads
+    prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
+    assert read == [f"part{i}.jsonl" for i in range(skipped, 4)]  # the files before the resume point: not read
     assert shard_bytes(out) == shard_bytes(big / "reference")
     assert not list(out.glob("*.tmp"))
+
+    read.clear()
+    prepare_gpt2(damaged, "--input", big / "part*.jsonl", *RUN)
+    assert "do not hold the unfinished job's resume point" in capsys.readouterr().err
+    assert read == [f"part{i}.jsonl" for i in range(4)]  # from the start, to put the lost shard back
+    assert shard_bytes(damaged) == shard_bytes(big / "reference")
+
+
+def test_resume_after_a_bad_file_takes_up_a_val_split_spanning_files(tmp_path, prepare_gpt2, jsonl_reads):
+    docs = make_docs(60, seed=5)
+    src, fixed = tmp_path / "src", tmp_path / "fixed"
+    for folder in (src, fixed):
+        folder.mkdir()
+        for i in range(3):
+            write_jsonl(folder / f"p{i}.jsonl", docs[20 * i:20 * i + 20])
+    good = (src / "p2.jsonl").read_bytes()
+    (src / "p2.jsonl").write_bytes(b"[" + good[1:])  # not JSON, and the same size as once it is fixed
+    run = ("--shard-size", 300, "--val-tokens", 2500)  # val: all of p0 and part of p1
+    with pytest.raises(UserError, match="p2.jsonl:1: not valid JSON"):
+        prepare_gpt2(tmp_path / "out", "--input", src, *run)
+    assert resume_file(tmp_path / "out") == 1
+    job = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert job["resume"]["val"]["fill"] > 0  # val's tokens after its last shard, to be read back from the next
+    (src / "p2.jsonl").write_bytes(good)
+    jsonl_reads.clear()
+    prepare_gpt2(tmp_path / "out", "--input", src, *run)
+    assert jsonl_reads == ["p1.jsonl", "p2.jsonl"]
+    prepare_gpt2(tmp_path / "reference", "--input", fixed, *run)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "reference")
 
 
 def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gpt2):
@@ -432,6 +495,146 @@ def test_unfinished_job_with_other_settings_needs_overwrite(tmp_path, big, prepa
     (out / "job.json").write_text(json.dumps({"source": "custom", "shard_size": 1}))
     with pytest.raises(UserError, match="unfinished job with other settings"):
         prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
+
+
+# -- the Hub, played by a local server (tests/hub_server.py): downloads, resume, provenance --
+
+FINEWEB = "HuggingFaceFW/fineweb-edu"
+HUB_RUN = ("--dataset", "fineweb-edu", "--shard-size", 3000, "--val-tokens", 2000)  # several shards per file
+
+
+def parquet_bytes(docs) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": docs}), buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fineweb_docs():
+    """sample-10BT of a small fineweb-edu: four files of documents."""
+    return {f"sample/10BT/{i:03d}_00000.parquet": make_docs(100, seed=20 + i, max_words=100) for i in range(4)}
+
+
+@pytest.fixture(scope="module")
+def fineweb_files(fineweb_docs):
+    return {path: parquet_bytes(docs) for path, docs in fineweb_docs.items()}
+
+
+@pytest.fixture(scope="module")
+def fineweb_reference(tmp_path_factory, fineweb_files, prepare_gpt2):
+    """The shards of those files read from a local copy, in this process: what a run from the Hub must give."""
+    root = tmp_path_factory.mktemp("fineweb")
+    for path, data in fineweb_files.items():
+        (root / "copy" / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / "copy" / path).write_bytes(data)
+    prepare_gpt2(root / "out", "--hub-path", root / "copy", *HUB_RUN)
+    return root / "out"
+
+
+@pytest.fixture
+def hub():
+    threads = threading.active_count()
+    with HubServer() as server:
+        yield server
+    assert threading.active_count() == threads  # its thread and every request's are gone, its port closed
+
+
+@pytest.fixture
+def run_hub(tmp_path, gpt2_tiktoken, hub):
+    """prepare_data.py in a process of its own against the server, with its own empty Hugging Face cache (the
+    Hub's address is read when huggingface_hub is imported, so this process cannot be pointed at it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # HF_HUB_OFFLINE, any token, ...
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    return lambda *argv: subprocess.run(
+        [sys.executable, "prepare_data.py", "--tokenizer", str(gpt2_tiktoken), "--workers", "1", *map(str, argv)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_hub_files_are_downloaded_tokenized_and_recorded(tmp_path, hub, run_hub, fineweb_files, fineweb_reference):
+    sha = hub.commit(FINEWEB, {**fineweb_files, "README.md": b"---\n---\n",
+                               "data/CC-MAIN-2024-10/000_00000.parquet": parquet_bytes(["another subset"])})
+    out = tmp_path / "out"
+    result = run_hub("--out", out, *HUB_RUN, "--keep-downloads")
+    assert result.returncode == 0, result.stderr
+    assert shard_bytes(out) == shard_bytes(fineweb_reference)  # as from a local copy
+    assert hub.downloads() == sorted(fineweb_files)  # the subset's files, each once, in order; nothing else
+    meta = json.loads((out / "meta.json").read_text())
+    files = [{"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+             for path, data in sorted(fineweb_files.items())]
+    assert meta["provenance"] == {"repo": FINEWEB, "revision": "main", "commit": sha, "subset": "sample-10BT",
+                                  "files": files}
+    assert all((out / "downloads" / path).read_bytes() == data for path, data in fineweb_files.items())
+
+    hub.log.clear()  # again with another shard size: the kept files are read, not downloaded
+    result = run_hub("--out", out, *HUB_RUN, "--shard-size", 5000, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert hub.downloads() == []
+    assert np.array_equal(all_tokens(out), all_tokens(fineweb_reference))
+    assert not (out / "downloads").exists()  # not kept this time (the default)
+
+
+def test_failed_download_is_one_line_and_the_rerun_fetches_only_the_rest(tmp_path, hub, run_hub, fineweb_files,
+                                                                          fineweb_reference):
+    hub.commit(FINEWEB, fineweb_files)
+    paths = sorted(fineweb_files)
+    hub.fail.add(paths[2])
+    out = tmp_path / "out"
+    result = run_hub("--out", out, *HUB_RUN)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert re.fullmatch(rf"error: downloading {paths[2]} from {FINEWEB} failed \(.*500.*\); rerun the same "
+                        rf"command: it goes on from the files already tokenized\n", result.stderr)
+    assert hub.downloads() == paths[:3]
+    # The first file's tokens are all in finished shards, the second's last ones still waited for a next shard.
+    assert resume_file(out) == 1
+    assert not (out / "downloads" / paths[0]).exists() and (out / "downloads" / paths[1]).exists()
+
+    hub.fail.clear()
+    hub.log.clear()
+    result = run_hub("--out", out, *HUB_RUN)
+    assert result.returncode == 0, result.stderr
+    # No listing (the job's commit and file list are reused) and nothing about the first two files.
+    assert [(method, path) for method, _, _, path in hub.log] == [("HEAD", paths[2]), ("GET", paths[2]),
+                                                                  ("HEAD", paths[3]), ("GET", paths[3])]
+    assert shard_bytes(out) == shard_bytes(fineweb_reference)
+    assert not (out / "downloads").exists()
+
+
+def test_pinned_revision_is_read_and_recorded_with_its_commit(tmp_path, hub, run_hub, gpt2, fineweb_docs,
+                                                              fineweb_files):
+    paths = sorted(fineweb_files)
+    old = hub.commit(FINEWEB, {path: fineweb_files[path] for path in paths[:2]}, refs=("v1.0",))
+    hub.commit(FINEWEB, fineweb_files)  # main moved on since
+    out = tmp_path / "out"
+    listing = run_hub("--out", out, *HUB_RUN, "--hub-revision", "v1.0", "--dry-run")
+    assert listing.returncode == 0, listing.stderr
+    assert f"{FINEWEB} at v1.0 = commit {old}: 2 files" in listing.stdout and paths[2] not in listing.stdout
+    assert not out.exists() and hub.downloads() == []
+
+    result = run_hub("--out", out, *HUB_RUN, "--hub-revision", "v1.0")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["hub_revision"] == "v1.0"
+    assert (meta["provenance"]["revision"], meta["provenance"]["commit"]) == ("v1.0", old)
+    assert [f["path"] for f in meta["provenance"]["files"]] == paths[:2]
+    assert np.array_equal(all_tokens(out), expected_tokens(gpt2, fineweb_docs[paths[0]] + fineweb_docs[paths[1]]))
+
+
+def test_bookcorpus_reads_the_hubs_parquet_export(tmp_path, hub, run_hub, gpt2):
+    sentences = [f"sentence {i} of the book ." for i in range(prepare_data.BOOKCORPUS_SENTENCES_PER_DOC + 5)]
+    hub.commit("bookcorpus/bookcorpus", {"bookcorpus.py": b"# a loading script"})  # main
+    export = hub.commit("bookcorpus/bookcorpus", {"plain_text/train/0000.parquet": parquet_bytes(sentences)},
+                        refs=("refs/convert/parquet",))
+    result = run_hub("--dataset", "bookcorpus", "--out", tmp_path / "out", "--val-tokens", 1)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert (meta["provenance"]["revision"], meta["provenance"]["commit"]) == ("refs/convert/parquet", export)
+    per_doc = prepare_data.BOOKCORPUS_SENTENCES_PER_DOC
+    docs = [" ".join(sentences[:per_doc]), " ".join(sentences[per_doc:])]
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+
+    result = run_hub("--dataset", "bookcorpus", "--hub-path", "nobody/nothing", "--out", tmp_path / "none")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "cannot open dataset nobody/nothing at revision refs/convert/parquet" in result.stderr
 
 
 # -- the user's mistakes --
