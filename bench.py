@@ -33,6 +33,7 @@ import torch
 
 import checkpoint
 import export_hf
+import generate
 import hellaswag
 import runtime
 from config import PRESETS, GPTConfig, TrainConfig
@@ -351,14 +352,18 @@ def tiktoken_gpt2_cached() -> bool:
 # ---------------------------------------------------------------- 4. generation
 
 def bench_generate(b: Bench):
+    """Greedy decoding against transformers' generate on the same weights, at batch 1: in float32 (identical
+    tokens), and as generate.py runs by default (its weights in bf16 where that is native) against transformers'
+    default float32; then --num-samples 8 as one batch against 8 samples one after the other."""
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    new = b.q(256, 16)
+    new = b.q(128, 16)
     enc = load_tokenizer(b.gpt2_tokenizer())
     prompt = torch.tensor([enc.encode("Once upon a time")], device=b.device)
+    default = runtime.pick_dtype("auto", b.device)  # generate.py's --dtype auto
     shapes = {"6x384": dict(n_layer=6, n_head=6, n_embd=384), "GPT-2 124M": dict(n_layer=12, n_head=12, n_embd=768)}
     if b.quick:
         shapes = {"2x64": dict(n_layer=2, n_head=2, n_embd=64)}
@@ -367,34 +372,65 @@ def bench_generate(b: Bench):
         model = GPT(GPTConfig(**fields, block_size=1024, vocab_size=50257)).to(b.device).eval()
         folder = b.tmp / f"hf-{shape.replace(' ', '')}"
         export_hf.export(checkpoint.save_checkpoint(str(b.tmp / "ckpt"), 0, model, "gpt2"), str(folder))
-        hf = GPT2LMHeadModel.from_pretrained(folder).to(b.device).eval()
+        hf = GPT2LMHeadModel.from_pretrained(folder).float().to(b.device).eval()  # its default dtype
         hf.generation_config.eos_token_id = None  # random weights may well pick <|endoftext|>: keep going
         hf.generation_config.pad_token_id = enc.eot_token
-        out, labels = {}, {True: "ours cached", False: "ours uncached", "hf": "transformers"}
+        fast = generate.for_inference(GPT(model.config).to(b.device), default)
+        fast.load_state_dict(model.state_dict())
+        out = {}
 
-        def ours(use_cache):
-            steps = model.generate(prompt, new, temperature=0.0, use_cache=use_cache)
-            out[use_cache] = torch.stack(list(steps), dim=1)
+        def ours(key, m, use_cache=True):
+            out[key] = torch.stack(list(m.generate(prompt, new, temperature=0.0, use_cache=use_cache)), dim=1)
 
         def theirs():
             ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False)
             out["hf"] = ids[:, prompt.shape[1]:]
 
-        fns = {"cache": lambda: ours(True), "hf": theirs}
+        fns = {"cache": lambda: ours("cache", model), "hf": theirs}
+        if default != torch.float32:
+            fns["default"] = lambda: ours("default", fast)
         if shape != "GPT-2 124M":  # without a cache 124M takes minutes per run: timed on the small model only
-            fns["nocache"] = lambda: ours(False)
+            fns["nocache"] = lambda: ours("nocache", model, use_cache=False)
         stats = b.interleaved(fns, 1, b.q(3, 2))
-        cache = stats["cache"].rate(new)
-        same = all(torch.equal(out[True], tokens) for tokens in out.values())
-        what = f"{shape}, greedy, {new} new tokens, batch 1, fp32"
-        yield Row(f"{what}: ours, KV cache", f"{num(cache)} tok/s", stats["cache"].spread(new))
-        if "nocache" in stats:
-            yield Row(f"{what}: ours, no cache (baseline)", f"{num(stats['nocache'].rate(new))} tok/s",
-                      stats["nocache"].spread(new), ratio=f"{cache / stats['nocache'].rate(new):.2f}x")
-        yield Row(f"{what}: transformers generate (baseline)", f"{num(stats['hf'].rate(new))} tok/s",
-                  stats["hf"].spread(new), f"GPT2LMHeadModel, same weights via export_hf; identical tokens "
-                  f"({', '.join(labels[k] for k in out)}): {'yes' if same else 'NO'}",
-                  **judged(cache / stats["hf"].rate(new), 2))
+        rate = {k: st.rate(new) for k, st in stats.items()}
+        same = all(torch.equal(out["cache"], out[k]) for k in ("hf", "nocache") if k in out)
+        what = f"{shape}, greedy, {new} new tokens, batch 1"
+        yield Row(f"{what}: transformers generate, float32 (baseline)", f"{num(rate['hf'])} tok/s",
+                  stats["hf"].spread(new), "GPT2LMHeadModel, same weights via export_hf")
+        yield Row(f"{what}: ours, float32, KV cache", f"{num(rate['cache'])} tok/s", stats["cache"].spread(new),
+                  f"identical tokens to transformers{' and to ours uncached' if 'nocache' in out else ''}: "
+                  f"{'yes' if same else 'NO'}", ratio=f"{rate['cache'] / rate['hf']:.2f}x")
+        if "nocache" in rate:
+            yield Row(f"{what}: ours, float32, no cache", f"{num(rate['nocache'])} tok/s",
+                      stats["nocache"].spread(new), ratio=f"{rate['nocache'] / rate['hf']:.2f}x")
+        if "default" in rate:
+            agree = int((out["default"] == out["hf"]).cumprod(dim=1).sum())
+            yield Row(f"{what}: ours as generate.py runs it ({str(default).removeprefix('torch.')} weights)",
+                      f"{num(rate['default'])} tok/s", stats["default"].spread(new),
+                      f"random weights: the first {agree} of {new} greedy tokens equal float32 transformers' "
+                      f"(a trained model's logits have wider margins)", **judged(rate["default"] / rate["hf"], 2))
+    yield from bench_batched_samples(b, fast, enc, prompt, new)
+
+
+def bench_batched_samples(b: Bench, model: GPT, enc, prompt, new: int):
+    """generate.py --num-samples 8 (one batch) against 8 runs of one sample, as generate.py samples by default."""
+    n = 8
+    sampling = dict(temperature=0.8, top_k=200)
+
+    def batched():
+        list(model.generate(prompt.expand(n, -1), new, generator=torch.Generator(b.device).manual_seed(0),
+                            **sampling))
+
+    def one_by_one():
+        for i in range(n):
+            list(model.generate(prompt, new, generator=torch.Generator(b.device).manual_seed(i), **sampling))
+
+    stats = b.interleaved({"batched": batched, "sequential": one_by_one}, 1, b.q(2, 1))
+    rate = {k: st.rate(n * new) for k, st in stats.items()}
+    what = f"{n} samples of {new} tokens, temperature 0.8, top-k 200, the last model above"
+    yield Row(f"{what}: one by one (baseline)", f"{num(rate['sequential'])} tok/s", stats["sequential"].spread(n * new))
+    yield Row(f"{what}: one batch (--num-samples {n})", f"{num(rate['batched'])} tok/s",
+              stats["batched"].spread(n * new), **judged(rate["batched"] / rate["sequential"], 4))
 
 
 # ---------------------------------------------------------------- 5. HellaSwag
@@ -461,8 +497,6 @@ def bench_memory(b: Bench):
               ratio=f"{growth:+.1f} MB", target="growth < 5 MB", meets=growth < 5)
 
 
-# ---------------------------------------------------------------- the report
-
 # ---------------------------------------------------------------- 7. train.py itself against nanoGPT
 
 def bench_nanogpt(b: Bench):
@@ -485,6 +519,71 @@ def bench_nanogpt(b: Bench):
                   target=f">= {target}x nanoGPT" if target else "", meets=ratio_value >= target if target else None)
 
 
+# ---------------------------------------------------------------- 8. peak memory of one training step
+
+def bench_stepmem(b: Bench):
+    """Peak RSS of a fresh process through one training step of two micro steps at GPT-2 124M's shape: nanoGPT's
+    own model and optimizer (float32, as on a CPU) against train.train_step, each in its own process."""
+    if not b.nanogpt:
+        print("stepmem: skipped (give --nanogpt PATH, a karpathy/nanoGPT work tree)", flush=True)
+        return
+    shape = b.q(dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch=4),
+                dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch=2))
+    runs = {"nanoGPT, float32 (baseline)": ("nanogpt", "float32"), "train.py's step, defaults": ("ours", "auto"),
+            "train.py's step, --dtype float32": ("ours", "float32")}
+    got = {}
+    for name, (which, dtype) in runs.items():
+        code = f"import bench; bench.step_peak({which!r}, {b.nanogpt!r}, {shape!r}, {dtype!r})"
+        p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"the {which} step failed: {p.stderr.strip()[-300:]}")
+        got[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    base = got["nanoGPT, float32 (baseline)"]["peak"]
+    what = (f"{shape['n_layer']}x{shape['n_embd']}, batch {shape['batch']} x block {shape['block_size']}, "
+            f"2 micro steps")
+    for name, m in got.items():
+        ratio = m["peak"] / base
+        row = Row(f"{name}: peak RSS of the process", f"{m['peak'] / MB:,.0f} MB",
+                  details=f"{what}; {m['before'] / MB:,.0f} MB before the step (model, optimizer, torch), "
+                          f"{m['dtype']}", ratio=f"{ratio:.2f}x")
+        if name != "nanoGPT, float32 (baseline)":
+            row.target, row.meets = "<= 1x nanoGPT", ratio <= 1
+        yield row
+
+
+def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
+    """In a fresh process: build the model and AdamW, run one step of two micro steps, print its memory (JSON)."""
+    import importlib.util
+
+    cfg = {k: v for k, v in shape.items() if k != "batch"}
+    B, T, device = shape["batch"], shape["block_size"], torch.device("cpu")
+    torch.manual_seed(0)
+    batches = iter([(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in torch.randint(0, 50257, (2, B, T + 1))])
+    if which == "nanogpt":
+        spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt, "model.py"))
+        nano = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nano)
+        with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter counts; stdout is our JSON
+            model = nano.GPT(nano.GPTConfig(**cfg, vocab_size=50304, dropout=0.0, bias=True))
+            optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+        dtype, before = torch.float32, proc_status(os.getpid(), "VmRSS")
+        for x, y in batches:  # nanoGPT's loop on a CPU: float32, no autocast, loss / accumulation
+            _, loss = model(x, y)
+            (loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model = GPT(GPTConfig(**cfg, vocab_size=50257))
+        optimizer = build_optimizer(model, TrainConfig(), device)
+        dtype, before = runtime.pick_dtype(dtype_name, device), proc_status(os.getpid(), "VmRSS")
+        train_step(model, optimizer, batches, 2, 6e-4, 1.0, dtype)
+    print(json.dumps({"before": before, "peak": proc_status(os.getpid(), "VmHWM"),
+                      "dtype": str(dtype).removeprefix("torch.")}))
+
+
+# ---------------------------------------------------------------- the report
+
 SECTIONS = {  # name: (title, function)
     "train": ("Training step", bench_train),
     "data": ("Data loading", bench_data),
@@ -493,6 +592,7 @@ SECTIONS = {  # name: (title, function)
     "hellaswag": ("HellaSwag scoring", bench_hellaswag),
     "memory": ("Memory of a long run", bench_memory),
     "nanogpt": ("train.py against nanoGPT", bench_nanogpt),
+    "stepmem": ("Peak memory of one training step", bench_stepmem),
 }
 
 INTRO = """# Benchmarks

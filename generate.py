@@ -84,6 +84,12 @@ def complete(model: GPT, enc, prompt: str, num_samples: int = 1, max_new_tokens:
     return texts
 
 
+def for_inference(model: GPT, dtype: torch.dtype) -> GPT:
+    """The model as generate.py decodes with it: the weights themselves in dtype (native bf16 halves the bytes
+    each decode step reads, where autocast would cast them again every step), float32 otherwise."""
+    return model.to(dtype).eval()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample text from a checkpoint or from GPT-2, streamed as it is produced.")
     source = p.add_mutually_exclusive_group()
@@ -127,8 +133,7 @@ def main(argv=None):
     if enc.n_vocab != model.config.vocab_size:
         raise UserError(f"tokenizer {args.tokenizer or tokenizer} has {enc.n_vocab} tokens but the model "
                         f"{source} has {model.config.vocab_size}; pass the tokenizer it was trained with")
-    if dtype != torch.float32:  # native bf16: the weights themselves, half the bytes each decode step reads
-        model.to(dtype)
+    model = for_inference(model, dtype)
     print(f"sampling from {source} on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     ids = encode_prompt(enc, args.prompt, model.config.block_size)
     # One generator for all samples: a seed reproduces the whole run, and the samples differ from each other.
