@@ -72,7 +72,7 @@ def test_matches_transformers_candidate_by_candidate(hf_gpt2_dir, enc, real_exam
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
 def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples, arch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, arch=arch)).eval()  # most rows are longer than 48
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, arch=arch)).eval()  # most rows exceed 48
     if arch == "modern":  # its blocks start as the identity, which would hide a wrong mask
         perturb(model)
     examples = real_examples[:8]
