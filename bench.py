@@ -13,6 +13,7 @@ alike and their ratio holds on a busy machine. Nothing here is a test; a missed 
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import checkpoint
 import export_hf
 import generate
 import hellaswag
+import plot
 import runtime
 from config import PRESETS, GPTConfig, TrainConfig
 from dataloader import DataLoader, DeviceBatches, write_shard
@@ -43,6 +45,7 @@ from model import GPT, estimate_mfu
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
 from hooks import evaluate_loss
+from run_folder import read_log
 from train import build_optimizer, lr_at, train_step
 
 HERE = Path(__file__).resolve().parent
@@ -95,6 +98,7 @@ class Bench:
     def __init__(self, args):
         self.device = runtime.pick_device(args.device)
         self.quick, self.nanogpt = args.quick, args.nanogpt
+        self.out = Path(args.out)  # the report; figures go beside it
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         # Compile times from an empty cache, as a first run sees them, not from whatever the last run left.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.tmp / "inductor")
@@ -582,6 +586,121 @@ def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
                       "dtype": str(dtype).removeprefix("torch.")}))
 
 
+# ---------------------------------------------------------------- 9. the modern recipe against GPT-2's
+
+# train.py's flags for each recipe. AdamW at nanoGPT's 1e-3 for this 6 x 384 shape (its shakespeare_char config);
+# Muon at 5e-3, which under match_rms_adamw moves the matrices about as far per step as Keller Jordan's 0.02 does
+# under his own scaling. Both picked by the small sweep that BENCHMARKS.md reports.
+RECIPES = {
+    "gpt2 + AdamW": ["--arch", "gpt2", "--learning-rate", "1e-3"],
+    "modern + AdamW": ["--arch", "modern", "--learning-rate", "1e-3"],
+    "modern + Muon": ["--arch", "modern", "--learning-rate", "1e-3", "--optimizer", "muon", "--muon-lr", "5e-3"],
+}
+BASELINE, CANDIDATE = "gpt2 + AdamW", "modern + Muon"
+
+
+def recipe_corpora(b: Bench) -> dict:
+    """{name: prepared data folder}: tinytales with its own tokenizer, and real English (HellaSwag's contexts with
+    their right endings, GPT-2's tokens) when ../shared/data has it."""
+    corpora = {"tinytales": b.tmp / "recipe-tinytales"}
+    run([sys.executable, "prepare_data.py", "--dataset", "tinytales", "--out", str(corpora["tinytales"]),
+         "--tinytales-tokens", str(b.q(2_000_000, 200_000)), "--val-tokens", "50000"])
+    source, ranks = SHARED_DATA / "hellaswag_val.jsonl.gz", SHARED_DATA / "gpt2.tiktoken"
+    if not (source.is_file() and ranks.is_file()):
+        print(f"recipe: real English skipped ({source} or {ranks} is absent)", flush=True)
+        return corpora
+    corpus = b.tmp / "english.jsonl"
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        examples = [json.loads(line) for line in f]
+    corpus.write_text("".join(json.dumps({"text": ex["ctx"] + " " + ex["endings"][int(ex["label"])]}) + "\n"
+                              for ex in examples))
+    corpora["real English"] = b.tmp / "recipe-english"
+    run([sys.executable, "prepare_data.py", "--input", str(corpus), "--tokenizer", str(ranks),
+         "--out", str(corpora["real English"]), "--val-tokens", "50000"])
+    return corpora
+
+
+def train_curve(b: Bench, data: Path, flags: list, steps: int, every: int) -> dict:
+    """Run train.py as a user would; its validation curve and training seconds from log.jsonl."""
+    out = Path(tempfile.mkdtemp(dir=b.tmp))
+    shape = b.q(dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
+                dict(n_layer=1, n_head=2, n_embd=64, block_size=32, batch_size=2))
+    batch = shape["block_size"] * shape["batch_size"]  # one micro step per step
+    run([sys.executable, "train.py", "--data-dir", str(data), "--out-dir", str(out), "--device", str(b.device),
+         *(f"--{k}={v}" for k, v in shape.items()), "--total-batch-size", str(batch), "--max-steps", str(steps),
+         "--warmup-steps", str(max(1, steps // 10)), "--eval-interval", str(every), "--eval-steps", str(b.q(8, 2)),
+         "--log-interval", "1", "--checkpoint-interval", "0", "--hellaswag-interval", "0", "--sample-interval", "0",
+         *flags])
+    records = read_log(str(out / "log.jsonl"))
+    ms = {r["step"]: r["ms_per_step"] for r in records if "ms_per_step" in r}
+    first = statistics.median(ms.values())  # the first step (warm-up) is untimed: count it as a typical one
+    seconds = np.cumsum([ms.get(step, first) / 1000 for step in range(1, steps + 1)])
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    shutil.rmtree(out)
+    return {"steps": sorted(val), "val": [val[k] for k in sorted(val)], "seconds": seconds, "tokens": batch,
+            "tok_s": batch / (first / 1000)}
+
+
+def reached_at(curve: dict, target: float) -> Optional[float]:
+    """The step where the validation curve first falls to target, linear between evaluations; None if never."""
+    points = list(zip(curve["steps"], curve["val"]))
+    for i, (step, value) in enumerate(points):
+        if value <= target:
+            if i == 0:
+                return float(step)
+            s0, v0 = points[i - 1]
+            return s0 + (v0 - target) / (v0 - value) * (step - s0)
+    return None
+
+
+def seconds_at(curve: dict, step: float) -> float:
+    return float(np.interp(step, np.arange(1, len(curve["seconds"]) + 1), curve["seconds"]))
+
+
+def bench_recipe(b: Bench):
+    """gpt2 + AdamW, modern + AdamW and modern + Muon through train.py on the same tokens and batches: the tokens
+    and training time each needs to reach gpt2 + AdamW's final validation loss, and where each ends."""
+    steps, every = b.q((80, 10), (6, 3))  # 80 steps: the whole section in about half an hour on 2 cores
+    curves = {}
+    for corpus, data in recipe_corpora(b).items():
+        curves[corpus] = {name: train_curve(b, data, flags, steps, every) for name, flags in RECIPES.items()}
+        base = curves[corpus][BASELINE]
+        target = base["val"][-1]
+        for name, curve in curves[corpus].items():
+            final, at = curve["val"][-1], reached_at(curve, target)
+            if at is None:
+                reach, ratio = f"does not reach {target:.4f} in {steps * curve['tokens']:,} tokens", None
+            else:
+                ratio = at / steps
+                reach = (f"reaches {target:.4f} at {at * curve['tokens']:,.0f} tokens, {seconds_at(curve, at):.0f} s "
+                         f"of training ({seconds_at(curve, at) / base['seconds'][-1]:.2f}x gpt2 + AdamW's time)")
+            row = Row(f"{corpus}: {name}", f"val loss {final:.4f}",
+                      details=f"{reach}; {num(curve['tok_s'])} tok/s (median step); {final - target:+.4f} nats "
+                              f"against gpt2 + AdamW", ratio="" if ratio is None else f"{ratio:.2f}x tokens")
+            if name == CANDIDATE:
+                row.target = "<= 0.7x tokens and >= 0.05 nats lower"
+                row.meets = ratio is not None and ratio <= 0.7 and final <= target - 0.05
+            yield row
+    png = b.out.with_name(b.out.stem + "-recipe.png")
+    plot_recipe(curves, steps, str(png))
+    yield Row("validation curves", f"[{png.name}]({png.name})",
+              details=f"{steps} steps of {base['tokens']:,} tokens, eval every {every} steps")
+
+
+def plot_recipe(curves: dict, steps: int, path: str):
+    fig = plot.figure(figsize=(6 * len(curves), 4.5), layout="constrained")
+    for ax, (corpus, runs) in zip(fig.subplots(1, len(curves), squeeze=False)[0], curves.items()):
+        for name, curve in runs.items():
+            ax.plot([s * curve["tokens"] for s in curve["steps"]], curve["val"], marker="o", markersize=3,
+                    label=f"{name} ({curve['val'][-1]:.3f})")
+        ax.axhline(runs[BASELINE]["val"][-1], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"{corpus}, {steps} steps")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("validation loss (nats per token)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    plot.save_png(fig, path)
+
 # ---------------------------------------------------------------- the report
 
 SECTIONS = {  # name: (title, function)
@@ -593,7 +712,9 @@ SECTIONS = {  # name: (title, function)
     "memory": ("Memory of a long run", bench_memory),
     "nanogpt": ("train.py against nanoGPT", bench_nanogpt),
     "stepmem": ("Peak memory of one training step", bench_stepmem),
+    "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
 }
+OPT_IN = ("recipe",)  # half an hour on the 2-core dev CPU: only when named in --only
 
 INTRO = """# Benchmarks
 
@@ -601,7 +722,9 @@ Written by `python bench.py`; each section below names the command, machine and 
 
 How to rerun:
 
-- `python bench.py`: every section at full size (12 minutes on the 2-core dev machine when quiet, 20-30 busy).
+- `python bench.py`: every section but recipe at full size (12 minutes on the 2-core dev machine when quiet,
+  20-30 busy). `python bench.py --only recipe --threads 1` trains the three recipes of that section through
+  train.py (about half an hour).
 - `python bench.py --only NAME[,NAME]`: some sections ({names}); the others in this file are kept.
 - `python bench.py --quick`: tiny sizes in about a minute, to check that the benchmark itself works; its figures
   say nothing about speed.
@@ -664,8 +787,9 @@ def print_row(section: str, r: Row):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute: a smoke test")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all of "
-                                                              f"{','.join(SECTIONS)})")
+    defaults = [name for name in SECTIONS if name not in OPT_IN]
+    p.add_argument("--only", default=",".join(defaults), help=f"comma-separated sections of {','.join(SECTIONS)} "
+                                                             f"(default: all but {','.join(OPT_IN)})")
     p.add_argument("--out", default="BENCHMARKS.md", help="the markdown file to write (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")

@@ -26,6 +26,7 @@ from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (t
 
 # Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
 RANKS, SIDECAR = "kit_tokenizer.tiktoken", "kit_tokenizer.json"
+HEAD = "lm_head.weight"
 
 
 def staging_folder(out_dir: str, step: int, tag: str) -> str:
@@ -47,7 +48,8 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
             shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
         weights = model.state_dict() if weights is None else weights
-        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != "lm_head.weight"}
+        tied = model.config.tie_embeddings  # a tied head is the embedding: saved once, under the embedding's name
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if not (tied and k == HEAD)}
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
             copy_tokenizer(tokenizer, tmp)
@@ -138,7 +140,7 @@ def _load_ours(ckpt: str) -> tuple[GPT, str]:
             raise UserError(f"{path}: weight {key} {tuple(tensor.shape)} does not fit the model in config.json; "
                             f"the checkpoint is corrupt, use another one")
     missing, _ = model.load_state_dict(weights, strict=False)
-    if set(missing) - {"lm_head.weight"}:
+    if set(missing) - ({HEAD} if model.config.tie_embeddings else set()):
         raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
     tokenizer = meta["tokenizer"]
     if tokenizer in (RANKS, "tokenizer.tiktoken"):

@@ -28,6 +28,7 @@ class GPTConfig:
     arch: str = "gpt2"  # gpt2 | modern (rotary, RMSNorm, SwiGLU, QK-norm, as Qwen3 lays them out)
     rope_theta: float = 10000.0  # modern only
     norm_eps: float = 1e-6  # modern only: RMSNorm epsilon (Qwen3's default)
+    tie_embeddings: bool = True  # the head is the embedding, as GPT-2; false (modern only) gives it its own matrix
 
     @property
     def padded_vocab_size(self) -> int:
@@ -57,6 +58,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (above) for everything else
+    muon_lr: Optional[float] = None  # Muon's peak learning rate; default learning_rate (see build_optimizer)
+    muon_momentum: float = 0.95
     log_interval: int = 10
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: datasheet for known GPUs, else measured
     eval_interval: int = 250
@@ -166,6 +170,10 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
         raise UserError(f"arch must be gpt2 or modern, got {model_cfg.arch!r}")
     if not 0 <= model_cfg.dropout < 1:
         raise UserError(f"dropout must be in [0, 1), got {model_cfg.dropout}")
+    if not model_cfg.tie_embeddings and model_cfg.arch == "gpt2":
+        raise UserError("--no-tie-embeddings is for --arch modern; GPT-2's head is its embedding")
+    if train_cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer must be adamw or muon, got {train_cfg.optimizer!r}")
     if train_cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"parallel must be ddp or fsdp, got {train_cfg.parallel!r}")
     if train_cfg.lr_schedule not in ("cosine", "wsd"):

@@ -3,8 +3,9 @@ pipeline("text-generation") open it offline, and lm-eval scores it.
 
     python export_hf.py out/my-run hf/my-model        # a run folder exports its newest checkpoint
 
-Our modules already carry GPT-2's names; the differences are that HF stores the four projection matrices
-as Conv1D, (in, out), and its embedding has exactly the real vocabulary (ours is padded).
+A GPT-2 checkpoint becomes a GPT2LMHeadModel, a --arch modern one a Qwen3ForCausalLM. Our modules already carry
+their names; the differences are that HF's GPT-2 stores the four projection matrices as Conv1D, (in, out), and
+that HF's embedding (and an untied head) has exactly the real vocabulary (ours is padded).
 """
 import argparse
 import dataclasses
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 import checkpoint
 from config import TrainConfig
 from errors import UserError, run_main
-from model import GPT
+from model import GPT, swiglu_hidden_size
 from run_folder import LOG, read_log
 from tokenizer import EOT, load_tokenizer
 
@@ -49,16 +50,18 @@ def hf_config(model: GPT, eot: int) -> dict:
     }
 
 
-def hf_state_dict(model: GPT) -> dict:
-    """Our weights under HF's names and layouts; the head is left out, as HF ties it to wte too."""
+def hf_weights(model: GPT, embedding: str, transposed: tuple = ()) -> dict:
+    """Our weights for transformers: the real vocabulary's rows of the embedding and of an untied head, a tied
+    head left out (transformers ties it back), the matrices named in `transposed` as (in, out)."""
+    tied, vocab = model.config.tie_embeddings, model.config.vocab_size
     weights = {}
     for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == checkpoint.HEAD and tied:
             continue
-        if key.endswith(CONV1D):
+        if key.endswith(transposed):
             tensor = tensor.t()
-        if key == "transformer.wte.weight":
-            tensor = tensor[:model.config.vocab_size]
+        if key in (embedding, checkpoint.HEAD):
+            tensor = tensor[:vocab]
         weights[key] = tensor.detach().float().cpu().contiguous()
     return weights
 
@@ -68,12 +71,42 @@ def gpt2_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
     if not model.config.bias:
         raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
                         f"so it cannot be exported as GPT-2")
-    return hf_config(model, eot), hf_state_dict(model)
+    return hf_config(model, eot), hf_weights(model, "transformer.wte.weight", CONV1D)
+
+
+def qwen3_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
+    """config.json and weights of a Qwen3ForCausalLM, with as many key-value heads as query heads."""
+    cfg = model.config
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": swiglu_hidden_size(cfg.n_embd),
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,
+        "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters, 4.x rope_theta: both, so either opens the folder.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": cfg.dropout,
+        "use_sliding_window": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "torch_dtype": "float32",
+    }
+    return config, hf_weights(model, "model.embed_tokens.weight")
 
 
 # One function per architecture the kit trains, (model, checkpoint, eot) -> (config.json, weights); the
 # tokenizer, generation config and model card are the same for all.
-ARCHITECTURES = {"gpt2": gpt2_files}
+ARCHITECTURES = {"gpt2": gpt2_files, "modern": qwen3_files}
 
 
 def push_to_hub(folder: str, repo: str) -> str:
@@ -163,8 +196,10 @@ def model_card(model: GPT, ckpt: str, out_dir: str, tokenizer: str, n_params: in
         value, step = facts[key]
         return f"{value:{fmt}} (step {step})"
 
-    arch = f"GPT-2 (`GPT2LMHeadModel`): {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, " \
-           f"context {cfg.block_size}"
+    shape = f"{cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size}"
+    arch = f"GPT-2 (`GPT2LMHeadModel`): {shape}" if cfg.arch == "gpt2" else \
+        f"rotary, RMSNorm, SwiGLU, QK-norm, no biases, {'tied' if cfg.tie_embeddings else 'untied'} head, laid " \
+        f"out as Qwen3 (`Qwen3ForCausalLM`): {shape}"
     tok_name = "GPT-2's BPE" if tokenizer == "gpt2" else f"byte-level BPE (tiktoken ranks in {checkpoint.RANKS})"
     return f"""---
 library_name: transformers
@@ -172,7 +207,7 @@ pipeline_tag: text-generation
 ---
 # {os.path.basename(os.path.abspath(out_dir))}
 
-A GPT-2 language model pre-trained from scratch with this kit, exported from `{ckpt}`.
+A language model pre-trained from scratch with this kit, exported from `{ckpt}`.
 
 | | |
 |---|---|
@@ -217,9 +252,7 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists; choose a new folder or pass --overwrite to replace it")
     eot = GPT2_EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eot_token
-    # The modern architecture will name itself in the model config; until then every checkpoint is GPT-2.
-    hf_files = ARCHITECTURES[getattr(model.config, "architecture", "gpt2")]
-    config, weights = hf_files(model, ckpt, eot)
+    config, weights = ARCHITECTURES[model.config.arch](model, ckpt, eot)
     # Built beside out_dir under another name and renamed at the end: an interrupted export leaves no half folder.
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +264,7 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            # Counted as exported: the real vocabulary, and the head tied to wte.
+            # Counted as exported: the real vocabulary, and a tied head once.
             f.write(model_card(model, ckpt, out_dir, tokenizer, sum(t.numel() for t in weights.values())))
         if tokenizer == "gpt2":
             try:

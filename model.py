@@ -121,6 +121,11 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, under whichever name the architecture's checkpoints give them."""
+        return self.transformer.h
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -370,12 +375,17 @@ class ModernGPT(GPT):
             norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
         # Zero output projections: every block starts as the identity, so depth does not scale the initial residual.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.zeros_(p)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
 
     def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
         T = idx.shape[1]
@@ -407,12 +417,14 @@ def sample(logits, temperature: float, top_k: Optional[int], top_p: float, gener
 
 
 def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
-    """Parameters as published: real vocabulary (no padding), tied head counted once; without the position
-    table when include_embeddings is False (the count that scales FLOPs)."""
+    """Parameters as published: real vocabulary (no padding), tied head counted once; without the tables that are
+    looked up, not multiplied (positions; an untied input embedding) when include_embeddings is False (the count
+    that scales FLOPs)."""
     C = cfg.n_embd
-    if cfg.arch == "modern":  # no position table; q/k norms per head; untied head not counted twice
+    if cfg.arch == "modern":  # no position table; q/k norms per head
         per_layer = 2 * C + 2 * (C // cfg.n_head) + 4 * C * C + 3 * C * swiglu_hidden_size(C)
-        return cfg.vocab_size * C + cfg.n_layer * per_layer + C
+        n = cfg.vocab_size * C + cfg.n_layer * per_layer + C
+        return n + cfg.vocab_size * C if include_embeddings and not cfg.tie_embeddings else n
     ln = 2 * C if cfg.bias else C
     per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
     n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln

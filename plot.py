@@ -55,16 +55,35 @@ def human(n: float) -> str:
     return f"{n:.4g}"
 
 
-def plot(records: list[dict], out_path: str, title: str = ""):
-    """Draw the records into a PNG at out_path, written to a temporary file and renamed over it."""
+def figure(**kwargs):
+    """A matplotlib Figure that draws to files only, never a window."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # files only, never a window
+        matplotlib.use("Agg")
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise UserError("plotting needs matplotlib, which is not installed: pip install matplotlib")
+    return Figure(**kwargs)
+
+
+def save_png(fig, out_path: str):
+    """fig as a PNG at out_path, written to a temporary file and renamed over it."""
+    tmp = f"{out_path}.tmp-{os.getpid()}"  # beside it, so the rename is atomic: a reader never sees half a PNG
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png: give the format
+        os.replace(tmp, out_path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {out_path}: {e.strerror or e}")
+
+
+def plot(records: list[dict], out_path: str, title: str = ""):
+    """Draw the records into a PNG at out_path."""
+    fig = figure(figsize=(9, 7.5), layout="constrained")  # checks for matplotlib before anything else
+    from matplotlib.ticker import FuncFormatter
 
     train = series(records, "loss")
     val = series(records, "val_loss")
@@ -72,7 +91,7 @@ def plot(records: list[dict], out_path: str, title: str = ""):
     if not train[0] and not val[0]:
         raise UserError("the log has no loss or val_loss yet: nothing to plot (is training still starting?)")
 
-    fig = Figure(figsize=(9, 7.5 if hellaswag[0] else 5), layout="constrained")
+    fig.set_size_inches(9, 7.5 if hellaswag[0] else 5)
     axes = fig.subplots(2 if hellaswag[0] else 1, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     if train[0]:
@@ -100,16 +119,7 @@ def plot(records: list[dict], out_path: str, title: str = ""):
         hs.grid(True, alpha=0.3)
         hs.legend()
     axes[-1].set_xlabel("step")
-
-    tmp = f"{out_path}.tmp-{os.getpid()}"  # beside it, so the rename is atomic: a reader never sees half a PNG
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png: give the format
-        os.replace(tmp, out_path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise UserError(f"cannot write {out_path}: {e.strerror or e}")
+    save_png(fig, out_path)
 
 
 def main(argv=None):

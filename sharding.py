@@ -20,13 +20,13 @@ OPTIMIZER_DIR = "optimizer"
 
 
 def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: torch.dtype, compile_on: bool):
-    """Wrap each transformer block, then the root (which keeps the embeddings, the tied head and ln_f), in place.
+    """Wrap each transformer block, then the root (the embedding, the head, tied or not, and the final norm), in place.
 
     Mixed precision as under DDP: float32 master weights and gradient reduction, compute in `dtype` (the loop's
     autocast still keeps softmax, norms and the loss in float32)."""
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    for block in (model.model.layers if model.config.arch == "modern" else model.transformer.h):
+    for block in model.blocks:
         if compile_on:  # compile per block: the collectives between blocks stay outside the graphs
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp)

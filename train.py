@@ -98,12 +98,12 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
     optimizer = build_optimizer(model, cfg, device)  # after sharding: it must hold the sharded parameters
     if state is not None:
         if sharding.has_sharded_optimizer(ckpt):
-            sharding.load_optimizer(model, optimizer, ckpt)
+            load_optimizer_state(optimizer, lambda: sharding.load_optimizer(model, optimizer, ckpt))
         elif cfg.parallel == "fsdp":
             raise UserError(f"--resume: {ckpt} was written by a --parallel ddp run; resume it with --parallel ddp "
                             f"(an fsdp run saves its optimizer in shards, a ddp run whole)")
         else:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(state["optimizer"]))
 
     if master:
         folder.start_log(step)
@@ -221,7 +221,7 @@ def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: floa
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is already global, as a DTensor
@@ -253,6 +253,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
 
 
+def lrs_at(step: int, cfg: TrainConfig) -> list:
+    """AdamW's learning rate at step, then Muon's when the run uses it: the schedule scales both alike."""
+    lr = lr_at(step, cfg)
+    return [lr] + ([lr * muon_lr(cfg) / cfg.learning_rate] if cfg.optimizer == "muon" else [])
+
+
 def decay_start(cfg: TrainConfig) -> int:
     """The step where the learning rate starts to fall. A wsd run can be extended (a larger --max-steps) from any
     checkpoint before it, and the checkpoint at it is always kept; a cosine falls from the end of warmup."""
@@ -271,17 +277,75 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
     return cfg.total_batch_size // per_micro
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only: decaying biases and norm gains only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head appears once
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on matrices and embeddings only: decaying biases and norm gains only hurts.
+    With --optimizer muon the blocks' matrices go to Muon instead, and AdamW keeps the embedding, the head, the
+    norm gains and the biases, which Muon's orthogonalised update does not suit. Every group carries lr_scale,
+    its peak learning rate over --learning-rate, which the schedule multiplies (see train_step)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in hidden]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     # The fused kernel updates all parameters in one pass instead of a dozen elementwise passes per tensor;
     # it exists for CUDA and for the CPU (the same code runs on both), not for MPS.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                              fused=device.type in ("cuda", "cpu"))
+    if not hidden:
+        return adamw
+    # Moonshot's "Muon is Scalable for LLM Training" (Liu et al. 2025): scaled by 0.2 sqrt(max(rows, cols)), the
+    # update has AdamW's typical RMS, so Muon takes AdamW's learning rate and weight decay as they are; momentum
+    # 0.95 with Nesterov as in their paper and Keller Jordan's Muon.
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=muon_lr(cfg), weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    muon.param_groups[0]["lr_scale"] = muon_lr(cfg) / cfg.learning_rate
+    return Optimizers(muon, adamw)
+
+
+def muon_lr(cfg: TrainConfig) -> float:
+    return cfg.learning_rate if cfg.muon_lr is None else cfg.muon_lr
+
+
+class Optimizers:
+    """Several optimizers stepped as one, so train_step and checkpoints see a single object; iterating gives the
+    parts, which is what torch.distributed.checkpoint takes for a sharded save."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    @property
+    def param_groups(self) -> list:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict):
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+def load_optimizer_state(optimizer, load):
+    """Run load(), which fills optimizer with a checkpoint's moments, then give the groups back this run's
+    settings: load_state_dict would keep the saved ones (a changed --muon-lr, --weight-decay), and a checkpoint
+    written before lr_scale existed has none."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    load()
+    for group, ours in zip(optimizer.param_groups, settings, strict=True):
+        group.update(ours)
 
 
 def read_data_meta(data_dir: str) -> dict:
@@ -342,7 +406,8 @@ def choose_checkpoint(folder: RunFolder, cfg: TrainConfig, ctx: runtime.Dist):
 
 
 DATA_FIELDS = ("total_batch_size", "seed", "shuffle")  # batch_size and world size resume exactly (see DataLoader)
-SCHEDULE_FIELDS = ("max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "decay_fraction")
+SCHEDULE_FIELDS = ("max_steps", "learning_rate", "muon_lr", "min_lr", "warmup_steps", "lr_schedule",
+                   "decay_fraction")
 
 
 def check_resume(ckpt: str, state: dict, model_cfg: GPTConfig, cfg: TrainConfig, data: list):
@@ -359,19 +424,24 @@ def check_resume(ckpt: str, state: dict, model_cfg: GPTConfig, cfg: TrainConfig,
         if getattr(saved, name) != getattr(cfg, name):
             raise UserError(f"--resume: {name} was {getattr(saved, name)} in {ckpt}, now {getattr(cfg, name)}; that "
                             f"changes which data the run reads. Use the saved value, or start a new --out-dir")
+    if saved.optimizer != cfg.optimizer:
+        raise UserError(f"--resume: {ckpt} was trained with --optimizer {saved.optimizer}, now {cfg.optimizer}; its "
+                        f"optimizer state does not fit another optimizer. Use --optimizer {saved.optimizer}, or start "
+                        f"a new --out-dir")
     if state.get("data", data) != data:
         raise UserError(f"--resume: the training data in {cfg.data_dir} is not the data {ckpt} was trained on "
                         f"(shards or their sizes differ; it read {saved.data_dir}); point --data-dir at that data")
     step = state["step"]
-    old, new = lr_at(step, saved), lr_at(step, cfg)
-    if not math.isclose(old, new, rel_tol=1e-9) and not cfg.allow_lr_change:
+    old, new = lrs_at(step, saved), lrs_at(step, cfg)
+    if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(old, new)) and not cfg.allow_lr_change:
         changed = [f"{n} {getattr(saved, n)} -> {getattr(cfg, n)}" for n in SCHEDULE_FIELDS
                    if getattr(saved, n) != getattr(cfg, n)]
         hint = ("a cosine schedule cannot be extended: train with --lr-schedule wsd, which extends from any "
                 "checkpoint before its decay" if saved.lr_schedule == "cosine" and saved.max_steps != cfg.max_steps
                 else f"a wsd run extends from a checkpoint before its decay began (step {decay_start(saved)}): "
                      f"--resume --resume-step N" if saved.lr_schedule == "wsd" else "use the saved values")
-        raise UserError(f"--resume: the learning rate at step {step} would jump from {old:.3e} to {new:.3e} "
+        old, new = (" and ".join(f"{lr:.3e}" for lr in lrs) for lrs in (old, new))
+        raise UserError(f"--resume: the learning rate at step {step} would jump from {old} to {new} "
                         f"({', '.join(changed)}); {hint}, or pass --allow-lr-change to accept the jump")
 
 

@@ -30,6 +30,21 @@ def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
     for name in bench.SECTIONS:
         if name in ("nanogpt", "stepmem"):  # they need a nanoGPT work tree (--nanogpt PATH): without, they skip
             assert f"{name}: skipped" in result.stdout and f"<!-- bench:{name} -->" not in text
+        elif name in bench.OPT_IN:  # only when --only names it
+            assert f"<!-- bench:{name} -->" not in text
         else:
             assert f"<!-- bench:{name} -->" in text
     assert "FAILED" not in text and "tok/s" in text
+
+
+@pytest.mark.slow
+def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_path, gpt2_tiktoken):
+    out = tmp_path / "B.md"
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "recipe", "--threads", "1", "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    for corpus in ("tinytales", "real English"):
+        for recipe in bench.RECIPES:
+            assert f"| {corpus}: {recipe} | val loss " in text
+    assert "FAILED" not in text and (tmp_path / "B-recipe.png").stat().st_size > 0

@@ -263,3 +263,38 @@ def test_old_checkpoint_tokenizer_names_still_load(random_gpt, tmp_path):
         json.dump(meta, f)
     _, tokenizer = checkpoint.load_model(ckpt)
     assert load_tokenizer(tokenizer).encode("a cat sat") == enc.encode("a cat sat")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@torch.no_grad()
+def test_modern_exports_as_qwen3_with_equal_logits_and_greedy_tokens(tmp_path, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from config import GPTConfig
+
+    ranks = str(tmp_path / "tiny.tiktoken")
+    enc = train_tokenizer(["Once upon a time a cat sat. The dog ran home, and the sun was warm.\n"] * 50, 300, ranks)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=enc.n_vocab,
+                          tie_embeddings=tied, rope_theta=5000.0)).eval()
+    for p in model.parameters():  # zero-initialised projections would hide mistakes
+        p.normal_(0, 0.1)
+    out = tmp_path / "hf"
+    export_hf.export(checkpoint.save_checkpoint(str(tmp_path / "run"), 5, model, ranks), str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["vocab_size"] == enc.n_vocab < 320
+    assert config["num_key_value_heads"] == config["num_attention_heads"] == 4 and config["head_dim"] == 16
+    assert config["tie_word_embeddings"] is tied
+    theirs = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM" and theirs.config.rope_parameters["rope_theta"] == 5000.0
+    assert (theirs.lm_head.weight is theirs.model.embed_tokens.weight) is tied
+    idx = torch.tensor([AutoTokenizer.from_pretrained(str(out))("The dog ran home")["input_ids"]])
+    assert idx.tolist()[0] == enc.encode("The dog ran home")
+    assert (theirs(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+    theirs.generation_config.eos_token_id = None  # random weights may well pick <|endoftext|>: keep going
+    hf_tokens = theirs.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                                pad_token_id=enc.eot_token)[0, idx.shape[1]:]
+    ours = torch.stack(list(model.generate(idx, 20, temperature=0)), 1)[0]
+    assert hf_tokens.tolist() == ours.tolist()
+    params = sum(p.numel() for p in theirs.parameters())
+    assert f"| parameters | {params:,} |" in (out / "README.md").read_text()

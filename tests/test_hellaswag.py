@@ -17,6 +17,7 @@ import tokenizer
 from config import GPTConfig
 from errors import UserError
 from model import GPT
+from tests.conftest import perturb
 
 REPO = Path(__file__).resolve().parents[1]
 HELLASWAG = REPO.parent / "shared" / "data" / "hellaswag_val.jsonl.gz"
@@ -68,9 +69,12 @@ def test_matches_transformers_candidate_by_candidate(hf_gpt2_dir, enc, real_exam
     assert torch.equal((losses / counts).argmin(1), (want / counts).argmin(1))
 
 
-def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples):
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples, arch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48)).eval()  # most rows are longer than 48
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, arch=arch)).eval()  # most rows exceed 48
+    if arch == "modern":  # its blocks start as the identity, which would hide a wrong mask
+        perturb(model)
     examples = real_examples[:8]
     packed, counts = hellaswag.score(model, enc, examples, CPU, torch.float32, batch_size=4)
     plain, plain_counts = hellaswag.score_plain(model, enc, examples, CPU, torch.float32)
@@ -210,6 +214,17 @@ def test_cli_writes_json_and_respects_limit(tmp_path, hf_gpt2_dir, gpt2_tiktoken
     assert proc.returncode == 0, proc.stderr
     assert "n 6 | acc" in proc.stdout and "examples/s" in proc.stdout
     model, _ = checkpoint.load_model(str(hf_gpt2_dir))
+    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:6], CPU, torch.float32)
+
+
+def test_cli_scores_a_modern_checkpoint(tmp_path, gpt2_tiktoken, enc, real_examples):
+    torch.manual_seed(0)
+    model = perturb(GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=128)))
+    checkpoint.save_checkpoint(str(tmp_path / "run"), 1, model, str(gpt2_tiktoken))
+    out = tmp_path / "result.json"
+    proc = run_cli("--checkpoint", tmp_path / "run", "--data", HELLASWAG, "--limit", 6, "--device", "cpu",
+                   "--dtype", "float32", "--out", out)
+    assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:6], CPU, torch.float32)
 
 

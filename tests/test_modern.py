@@ -56,11 +56,12 @@ def test_modern_logits_equal_qwen3():
         torch.testing.assert_close(ours(idx)[0], theirs(idx).logits[..., :128], atol=1e-4, rtol=0)
 
 
-def random_modern(seed=0):
+def random_modern(seed=0, **overrides):
     from model import GPT
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)).eval()
+    model = GPT(GPTConfig(**{**dict(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100),
+                             **overrides})).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     return model
@@ -89,12 +90,18 @@ def test_modern_packed_positions_and_mask_equal_separate_forwards():
         torch.testing.assert_close(h[:, 6:], model.hidden(b), atol=1e-5, rtol=0)
 
 
-def test_modern_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_modern_checkpoint_round_trip(tmp_path, tied):
     import checkpoint
+    from safetensors.torch import load_file
 
-    model = random_modern()
-    loaded, _ = checkpoint.load_model(checkpoint.save_checkpoint(str(tmp_path), 3, model, "gpt2"))
-    assert loaded.config.arch == "modern"
+    model = random_modern(tie_embeddings=tied)
+    ckpt = checkpoint.save_checkpoint(str(tmp_path), 3, model, "gpt2")
+    assert ("lm_head.weight" in load_file(f"{ckpt}/model.safetensors")) is not tied
+    loaded, _ = checkpoint.load_model(ckpt)
+    assert loaded.config.arch == "modern" and loaded.config.tie_embeddings is tied
+    head, embedding = loaded.lm_head.weight, loaded.model.embed_tokens.weight
+    assert (head is embedding) is tied and torch.equal(head, model.lm_head.weight)
     idx = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
@@ -108,5 +115,12 @@ def test_modern_presets_within_5_percent_of_gpt2_and_count_params_exact():
                          ("gpt2-xl", "modern-1558m")):
         ours = count_params(GPTConfig(**{k: v for k, v in PRESETS[modern].items()}))
         assert abs(ours / count_params(GPTConfig(**PRESETS[gpt2])) - 1) < 0.05
-    cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, vocab_size=128, pad_vocab_multiple=1)
-    assert count_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+    for tied in (True, False):
+        cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, vocab_size=128, pad_vocab_multiple=1,
+                        tie_embeddings=tied)
+        assert count_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+def test_untied_gpt2_is_one_line():
+    with pytest.raises(UserError, match="for --arch modern"):
+        check_values(GPTConfig(tie_embeddings=False), TrainConfig())

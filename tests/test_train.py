@@ -16,7 +16,7 @@ from config import GPTConfig, TrainConfig
 from dataloader import write_shard
 from errors import UserError
 from model import GPT
-from train import build_optimizer, grad_accum_steps, lr_at
+from train import build_optimizer, grad_accum_steps, load_optimizer_state, lr_at, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,8 @@ def read_log(out: Path, key: str) -> dict:
     return {r["step"]: r[key] for r in records if key in r}
 
 
+# The optimizers train.py offers; Muon with the architecture it is meant for.
+OPTIMIZERS = {"adamw": [], "muon": ["--arch", "modern", "--optimizer", "muon"]}
 SMALL = ["--device", "cpu", "--dtype", "float32", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
          "--pad-vocab-multiple", 1, "--log-interval", 1, "--eval-interval", 0, "--hellaswag-interval", 0,
          "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3, "--peak-flops", 1e12]
@@ -91,10 +93,11 @@ def test_learns_markov_chain_to_its_entropy(tmp_path):
     assert abs(val - optimum) < 0.05, f"val loss {val:.4f}, optimum {optimum:.4f} (entropy rate {rate:.4f})"
 
 
-def test_ddp_equals_accumulation(tmp_path):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_ddp_equals_accumulation(tmp_path, optimizer):
     make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
-    common = [*SMALL, "--data-dir", tmp_path / "data", "--batch-size", 4, "--total-batch-size", 4 * 32 * 2,
-              "--max-steps", 6, "--checkpoint-interval", 100]
+    common = [*SMALL, *OPTIMIZERS[optimizer], "--data-dir", tmp_path / "data", "--batch-size", 4,
+              "--total-batch-size", 4 * 32 * 2, "--max-steps", 6, "--checkpoint-interval", 100]
     run_train(*common, "--out-dir", tmp_path / "single")
     run_train(*common, "--out-dir", tmp_path / "ddp", torchrun=2)
     single, ddp = read_log(tmp_path / "single", "loss"), read_log(tmp_path / "ddp", "loss")
@@ -103,11 +106,13 @@ def test_ddp_equals_accumulation(tmp_path):
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
 
 
-def test_kill_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_kill_and_resume_is_exact(tmp_path, optimizer):
     """kill -9 in the middle of a run, --resume, and the loss curve equals a run never stopped, exactly."""
     make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
-    common = [*SMALL, "--data-dir", tmp_path / "data", "--batch-size", 4, "--total-batch-size", 4 * 32 * 2,
-              "--max-steps", 40, "--checkpoint-interval", 5, "--keep-checkpoints", 2, "--dropout", 0.1]
+    common = [*SMALL, *OPTIMIZERS[optimizer], "--data-dir", tmp_path / "data", "--batch-size", 4,
+              "--total-batch-size", 4 * 32 * 2, "--max-steps", 40, "--checkpoint-interval", 5,
+              "--keep-checkpoints", 2, "--dropout", 0.1]
     run_train(*common, "--out-dir", tmp_path / "full")
 
     out = tmp_path / "killed"
@@ -142,13 +147,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert step == max(read_log(out, "loss"))
 
 
-def test_resume_with_another_model_config_is_refused(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--n-layer", 3], "different model config"),
+    (["--optimizer", "muon"], "trained with --optimizer adamw, now muon"),
+])
+def test_resume_with_another_model_or_optimizer_is_refused(tmp_path, flags, message):
     make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
     common = [*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
               "--total-batch-size", 128, "--max-steps", 2]
     run_train(*common)
-    result = run_train(*common, "--n-layer", 3, "--resume", check=False)
-    assert result.returncode == 2 and "different model config" in result.stderr and "Traceback" not in result.stderr
+    result = run_train(*common, *flags, "--resume", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
@@ -196,6 +206,70 @@ def test_weight_decay_only_on_matrices_and_embeddings():
     assert all(n.endswith("bias") or ".ln_" in n or "ln_f" in n for n in (names[id(p)] for p in no_decay["params"]))
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def names_of(model, params) -> set:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in params}
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(GPTConfig(arch="modern", tie_embeddings=False, n_layer=1, n_head=2, n_embd=32, block_size=16,
+                          vocab_size=64))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=4e-3),
+                          torch.device("cpu"))
+    muon, adamw = opt.parts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    layer = "model.layers.0."
+    assert names_of(model, muon.param_groups[0]["params"]) == {
+        layer + m for m in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                            "mlp.down_proj.weight")}
+    decay, no_decay = adamw.param_groups
+    assert names_of(model, decay["params"]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert names_of(model, no_decay["params"]) == {
+        "model.norm.weight", *(layer + m for m in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                                   "self_attn.q_norm.weight", "self_attn.k_norm.weight"))}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert [g["lr_scale"] for g in opt.param_groups] == [4.0, 1.0, 1.0]
+    assert muon.defaults["momentum"] == 0.95 and muon.defaults["adjust_lr_fn"] == "match_rms_adamw"
+
+
+def test_muon_on_gpt2_leaves_its_embeddings_and_biases_to_adamw():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    muon, adamw = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).parts
+    assert names_of(model, muon.param_groups[0]["params"]) == {
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    assert names_of(model, adamw.param_groups[0]["params"]) == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert len(adamw.param_groups[1]["params"]) == 10  # 2 LayerNorms x 2 + ln_f's 2, and 4 Linear biases
+
+
+def test_the_schedule_scales_each_group_from_its_own_peak():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=2e-2),
+                          torch.device("cpu"))
+    x = torch.randint(0, 64, (2, 16))
+    train_step(model, opt, iter([(x, x)]), 1, 5e-4, 1.0, torch.float32)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 5e-4, 5e-4], rel=1e-12)
+
+
+def test_a_resumed_optimizer_keeps_the_moments_and_takes_this_runs_settings():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    x = torch.randint(0, 64, (2, 16))
+    saved = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=1e-2), torch.device("cpu"))
+    train_step(model, saved, iter([(x, x)]), 1, 1e-3, 1.0, torch.float32)
+    state = saved.state_dict()
+    resumed = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=2e-2, weight_decay=0.05),
+                              torch.device("cpu"))
+    load_optimizer_state(resumed, lambda: resumed.load_state_dict(state))
+    assert [g["lr_scale"] for g in resumed.param_groups] == pytest.approx([2e-2 / 6e-4, 1.0, 1.0])
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.05, 0.05, 0.0]
+    for old, new in zip(saved.parts, resumed.parts):
+        for p in old.state:
+            assert all(torch.equal(v, new.state[p][k]) for k, v in old.state[p].items())
 
 
 def test_grad_accumulation_arithmetic():
