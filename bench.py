@@ -38,15 +38,18 @@ import generate
 import hellaswag
 import plot
 import runtime
+from atomic import write_file
 from config import PRESETS, GPTConfig, TrainConfig
 from dataloader import DataLoader, DeviceBatches, write_shard
 from errors import UserError, run_main
+from hooks import evaluate_loss
 from model import GPT, estimate_mfu
+from optimizer import build_optimizer
+from run_folder import read_log
+from schedule import lr_at
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
-from hooks import evaluate_loss
-from run_folder import read_log
-from train import build_optimizer, lr_at, train_step
+from train import train_step
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"  # read-only data beside the repo; absent in a fresh clone
@@ -772,10 +775,7 @@ def write_report(path: str, blocks: dict):
     kept.update(blocks)
     text = INTRO.format(names=", ".join(SECTIONS)) + "\n".join(
         f"<!-- bench:{name} -->\n{kept[name]}<!-- /bench:{name} -->\n" for name in SECTIONS if name in kept)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file(path, text)
 
 
 def print_row(section: str, r: Row):

@@ -164,24 +164,6 @@ def test_cache_prefill_then_token_by_token_equals_full_forward(random_gpt):
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
 
 
-@torch.no_grad()
-def test_shared_prefix_cache_with_positions_and_mask(random_gpt):
-    """Scoring n endings of one context: prefill the context once, then all endings, right-padded, in one batch."""
-    model = random_gpt()
-    prefix, lengths = tokens(1, 9, 300), [5, 3, 4]
-    endings = tokens(3, max(lengths), 300, seed=1)
-    P, T = prefix.shape[1], endings.shape[1]
-    cache = KVCache(model.config, 1, P + T)
-    model.hidden(prefix, cache)
-    cache = cache.repeat_interleave(3)
-    # Causal over [prefix | endings]; padding sits after each ending's real tokens, so they never see it.
-    mask = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)[None, None]
-    h = model.hidden(endings, cache, positions=torch.arange(P, P + T).expand(3, T), attn_mask=mask)
-    for row, n in enumerate(lengths):
-        whole = model.hidden(torch.cat([prefix[0], endings[row, :n]])[None])
-        assert max_diff(h[row, :n], whole[0, P:]) < 1e-5
-
-
 def test_sequence_longer_than_block_is_a_user_error(random_gpt):
     model = random_gpt()
     with pytest.raises(UserError, match="block_size"):

@@ -16,7 +16,9 @@ from config import GPTConfig, TrainConfig
 from dataloader import write_shard
 from errors import UserError
 from model import GPT
-from train import build_optimizer, grad_accum_steps, load_optimizer_state, lr_at, train_step
+from optimizer import build_optimizer, load_optimizer_state
+from schedule import lr_at
+from train import grad_accum_steps, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
