@@ -5,6 +5,7 @@ carries lr_scale, its peak learning rate over --learning-rate, which the schedul
 import torch
 
 from config import TrainConfig
+from errors import UserError
 from model import GPT
 
 
@@ -25,6 +26,8 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
                               fused=device.type in ("cuda", "cpu"))
     if not hidden:
         return adamw
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch.optim.Muon, new in PyTorch 2.9; this is {torch.__version__}")
     # Moonshot's "Muon is Scalable for LLM Training" (Liu et al. 2025): scaled by 0.2 sqrt(max(rows, cols)), the
     # update has AdamW's typical RMS, so Muon takes AdamW's learning rate and weight decay as they are; momentum
     # 0.95 with Nesterov as in their paper and Keller Jordan's Muon.
