@@ -167,9 +167,10 @@ def print_setup(model, model_cfg: GPTConfig, cfg: TrainConfig, ctx, dtype, compi
           f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
           f"{ctx.world_size} x {accum} accum | " + (f"resumed at step {step} from {start}" if start else "fresh"),
           flush=True)
-    # Parameters, gradients and AdamW's two moments, all float32: 4x the parameters this rank holds.
+    # Parameters, gradients and AdamW's two moments, all float32: 4x the parameters this rank holds (Muon keeps
+    # one moment for its matrices, so a little less there).
     state_mb = 4 * parallel.local_param_bytes(model) / 2**20
-    print(f"{cfg.parallel}: model state per rank {state_mb:,.1f} MB (parameters, gradients, AdamW moments)",
+    print(f"{cfg.parallel}: model state per rank {state_mb:,.1f} MB (parameters, gradients, optimizer moments)",
           flush=True)
 
 
