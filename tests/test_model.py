@@ -12,15 +12,10 @@ import torch.nn.functional as F
 import checkpoint
 from config import GPTConfig
 from errors import UserError
+from helpers import Exploit, hf_gpt2
 from model import GPT, KVCache, count_params, estimate_mfu, flops_per_token
 
 TOL = 1e-4  # fp32, max abs difference of logits
-
-
-def hf_model(folder):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(folder).eval()
 
 
 def max_diff(a, b):
@@ -36,7 +31,7 @@ def tokens(batch, length, vocab, seed=0):
 
 @torch.no_grad()
 def test_logits_equal_transformers(hf_gpt2_dir):
-    ours, theirs = GPT.from_pretrained(str(hf_gpt2_dir)).eval(), hf_model(hf_gpt2_dir)
+    ours, theirs = GPT.from_pretrained(str(hf_gpt2_dir)).eval(), hf_gpt2(hf_gpt2_dir)
     idx = tokens(2, 128, 50257)  # the whole context
     assert max_diff(ours(idx)[0], theirs(idx).logits) < TOL
 
@@ -44,7 +39,7 @@ def test_logits_equal_transformers(hf_gpt2_dir):
 @torch.no_grad()
 def test_pytorch_model_bin_folder(hf_gpt2_dir, tmp_path):
     """Older hub folders: pickled weights with bare keys (h.0...) and the causal-mask buffers."""
-    theirs = hf_model(hf_gpt2_dir)
+    theirs = hf_gpt2(hf_gpt2_dir)
     sd = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
     sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
     torch.save(sd, tmp_path / "pytorch_model.bin")
@@ -254,16 +249,6 @@ def test_from_pretrained_wrong_shapes(tmp_path, hf_gpt2_dir):
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
-
-
-class Exploit:
-    """Unpickling this would create `path`: what a hostile checkpoint would do with a more harmful call."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def test_checkpoint_round_trip(random_gpt, tmp_path, gpt2_tiktoken):
