@@ -13,7 +13,7 @@ import checkpoint
 from config import GPTConfig
 from errors import UserError
 from helpers import Exploit, hf_gpt2
-from model import GPT, KVCache, count_params, estimate_mfu, flops_per_token
+from model import GPT, KVCache, estimate_mfu, flops_per_token
 
 TOL = 1e-4  # fp32, max abs difference of logits
 
@@ -205,12 +205,27 @@ def test_head_is_tied_to_the_embedding(random_gpt, hf_gpt2_dir):
 
 
 def test_flops_per_token_and_mfu_by_hand():
-    cfg = GPTConfig()  # GPT-2 small, vocabulary padded to 50,304
-    weights = 124_439_808 - 1024 * 768 + (50304 - 50257) * 768  # no position table; the head's padding costs
-    assert flops_per_token(cfg, 1024) == 6 * weights + 12 * 12 * 768 * 1024 == 855_383_040
-    assert estimate_mfu(cfg, 1024, tokens_per_sec=1e5, peak_flops=312e12) == pytest.approx(855_383_040 * 1e5 / 312e12)
-    small = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, pad_vocab_multiple=1)
-    assert flops_per_token(small, 16) == 6 * count_params(small, include_embeddings=False) + 12 * 2 * 32 * 16
+    """PaLM's appendix B: training costs 6N + 12·L·d·T FLOPs per token, N the weights that multiply (not the
+    position table, which is looked up; the head over the padded vocabulary, as it is computed)."""
+    # GPT-2 small: its published 124,439,808 parameters, less the 1024 x 768 position table, plus 47 rows of padding.
+    gpt2 = GPTConfig()
+    assert flops_per_token(gpt2, 1024) == 6 * (124_439_808 - 1024 * 768 + 47 * 768) + 12 * 12 * 768 * 1024
+    assert flops_per_token(gpt2, 1024) == 855_383_040
+    # 100,000 tokens/s on an A100 (312 TFLOP/s dense bf16, NVIDIA's datasheet): 85.5 of 312 TFLOP/s.
+    assert estimate_mfu(gpt2, 1024, tokens_per_sec=1e5, peak_flops=312e12) == pytest.approx(0.274161, abs=1e-6)
+
+    # Two layers of width 32, context 16, a vocabulary of 100 padded to 128; N weight by weight.
+    tiny = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, pad_vocab_multiple=64)
+    layer = (32 + 32  # ln_1 weight and bias
+             + 32 * 96 + 96  # c_attn: q, k, v
+             + 32 * 32 + 32  # attn.c_proj
+             + 32 + 32  # ln_2
+             + 32 * 128 + 128  # mlp.c_fc
+             + 128 * 32 + 32)  # mlp.c_proj
+    n = 2 * layer + (32 + 32) + 128 * 32  # + ln_f + the head (tied to wte), all 128 rows
+    assert n == 29_568
+    assert flops_per_token(tiny, 16) == 6 * n + 12 * 2 * 32 * 16 == 189_696
+    assert estimate_mfu(tiny, 16, tokens_per_sec=1e6, peak_flops=312e12) == pytest.approx(608e-6, rel=1e-12)
 
 
 # --- from_pretrained errors ---------------------------------------------------------------------------------

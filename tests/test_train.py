@@ -123,21 +123,27 @@ def test_lr_schedule_matches_its_definition():
     assert lr_at(60, TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110)) == pytest.approx(0.55)
 
 
-def test_weight_decay_only_on_matrices_and_embeddings():
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    decay, no_decay = opt.param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
-    assert all(n.endswith("bias") or ".ln_" in n or "ln_f" in n for n in (names[id(p)] for p in no_decay["params"]))
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
-
-
 def names_of(model, params) -> set:
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)] for p in params}
+
+
+def test_weight_decay_only_on_matrices_and_embeddings():
+    """GPT-2's recipe as nanoGPT has it: the embeddings and the Linear weights decay, LayerNorms and biases do not."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    block = "transformer.h.0."
+    assert names_of(model, decay["params"]) == {  # the head is wte, tied: the same tensor, listed once
+        "transformer.wte.weight", "transformer.wpe.weight",
+        *(block + m for m in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))}
+    assert names_of(model, no_decay["params"]) == {
+        "transformer.ln_f.weight", "transformer.ln_f.bias",
+        *(block + m for m in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
+                              "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"))}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # each tensor once
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
