@@ -2,7 +2,6 @@
 import base64
 import hashlib
 import io
-import importlib.util
 import json
 import os
 import re
@@ -308,7 +307,6 @@ def test_trained_tokenizer_end_to_end(tmp_path):
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tinytales") is None, reason="tinytales.py is not written yet")
 def test_tinytales_trains_its_own_tokenizer(tmp_path):
     out = tmp_path / "tiny"
     prepare_data.main(["--dataset", "tinytales", "--out", str(out), "--tinytales-tokens", "60000",

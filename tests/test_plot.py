@@ -31,7 +31,6 @@ def assert_png(path: Path):
 
 
 def test_cli_writes_png_beside_log(tmp_path):
-    pytest.importorskip("matplotlib")
     write_log(tmp_path, hellaswag=True)
     result = run_cli("plot.py", tmp_path)
     assert result.returncode == 0, result.stderr
@@ -41,7 +40,6 @@ def test_cli_writes_png_beside_log(tmp_path):
 
 
 def test_log_file_and_out_flag(tmp_path):
-    pytest.importorskip("matplotlib")
     log = write_log(tmp_path)
     out = tmp_path / "plots" / "curve.png"  # a folder that does not exist yet
     plot.main([str(log), "--out", str(out)])
@@ -52,7 +50,6 @@ def test_log_file_and_out_flag(tmp_path):
 
 def test_val_only_and_partial_last_line(tmp_path):
     """An evaluation-only log plots; a last line still being written (no newline) is skipped."""
-    pytest.importorskip("matplotlib")
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 5, "val_loss": 3.0}) + "\n" + '{"step": 6, "lo')
     plot.main([str(tmp_path)])
     assert_png(tmp_path / "loss.png")

@@ -239,7 +239,6 @@ def test_compile_on_cpu_matches_eager(tmp_path, markov_dir):
 
 
 def test_wandb_offline_logs_the_run(tmp_path, markov_dir):
-    pytest.importorskip("wandb")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     run_train(*TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 2, "--wandb",
               "--wandb-run-name", "t", env=env)
