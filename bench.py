@@ -36,11 +36,12 @@ import checkpoint
 import export_hf
 import generate
 import hellaswag
+import markov
 import plot
 import runtime
 from atomic import write_file
 from config import PRESETS, GPTConfig, TrainConfig
-from dataloader import DataLoader, DeviceBatches, write_shard
+from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
 from hooks import evaluate_loss
 from model import GPT, estimate_mfu
@@ -146,23 +147,11 @@ class Bench:
                 for k, t in times.items()}
 
     def markov_data(self) -> str:
-        """A data folder (shards + meta.json) of a random first-order Markov chain: learnable, and cheap to make."""
+        """A data folder of a random Markov chain (markov.py): learnable, and cheap to make."""
         if "markov" not in self.memo:
             folder = self.tmp / "markov"
-            folder.mkdir()
-            vocab, rng = 512, np.random.default_rng(0)
-            cum = rng.dirichlet(np.full(vocab, 0.1), size=vocab).cumsum(axis=1)
-
-            def chains(n, width=256):  # width independent chains, stepped together, laid end to end
-                state, out = rng.integers(vocab, size=width), np.empty((n // width + 1, width), np.uint16)
-                for t in range(len(out)):
-                    out[t] = state
-                    state = np.minimum((cum[state] < rng.random(width)[:, None]).sum(axis=1), vocab - 1)
-                return out.T.reshape(-1)[:n]
-
-            write_shard(str(folder / "train_000000.bin"), chains(self.q(1_500_000, 100_000)))
-            write_shard(str(folder / "val_000000.bin"), chains(self.q(100_000, 20_000)))
-            (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": vocab, "eot": 0}))
+            markov.write_data(folder, vocab=512, n_train=self.q(1_500_000, 100_000), n_val=self.q(100_000, 20_000),
+                              concentration=0.1)
             self.memo["markov"] = str(folder)
         return self.memo["markov"]
 
