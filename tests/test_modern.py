@@ -1,12 +1,11 @@
 """The modern architecture's parts equal Qwen3's in transformers on the same weights."""
 import pytest
 import torch
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 from config import GPTConfig, TrainConfig, check_values
 from errors import UserError
 from model import RMSNorm, apply_rotary, rotary_cos_sin
-
-qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
 
 
 def test_rmsnorm_equals_qwen3():
