@@ -387,7 +387,7 @@ def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tm
     prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
     assert read == [f"part{i}.jsonl" for i in range(skipped, 4)]  # the files before the resume point: not read
     assert shard_bytes(out) == shard_bytes(big / "reference")
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
     read.clear()
     prepare_gpt2(damaged, "--input", big / "part*.jsonl", *RUN)
@@ -430,10 +430,10 @@ def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gp
     out = unfinished(big, tmp_path / "damaged")
     (out / "train_000005.bin").unlink()
     corrupt(out / "train_000002.bin", "truncated body")
-    (out / "train_000007.bin.tmp").write_bytes(b"half a shard")
+    (out / "train_000007.bin.tmp-12345").write_bytes(b"half a shard")
     prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
     assert shard_bytes(out) == shard_bytes(big / "reference")
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
 
 def test_finished_job_is_not_redone_and_other_settings_need_overwrite(tmp_path, big, prepare_gpt2, gpt2_tiktoken):

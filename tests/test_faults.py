@@ -43,7 +43,7 @@ def complete_checkpoints(out: Path) -> list[str]:
 
 
 def leftovers(out: Path) -> list[str]:
-    return sorted(n for n in os.listdir(out) if n.startswith(".ckpt_") or n.endswith(".tmp"))
+    return sorted(n for n in os.listdir(out) if n.startswith(".ckpt_") or ".tmp" in n)
 
 
 # ---- kill -9 while a checkpoint is being written ----
@@ -166,7 +166,7 @@ def test_full_disk_while_writing_shards_then_rerun_completes(tmp_path, tiny_disk
     written = {p.name: p.read_bytes() for p in out.glob("*.bin")}
     assert 0 < len(written) < len(reference)
     assert all(reference[name] == data for name, data in written.items())  # the earlier shards are intact
-    assert not list(out.glob("*.tmp")) and not (out / "meta.json").exists()
+    assert not list(out.glob("*.tmp*")) and not (out / "meta.json").exists()
 
     tiny_disk.resize("16m")
     result = prepare(out)
