@@ -36,17 +36,21 @@ import checkpoint
 import export_hf
 import generate
 import hellaswag
+import markov
 import plot
 import runtime
+from atomic import write_file
 from config import PRESETS, GPTConfig, TrainConfig
-from dataloader import DataLoader, DeviceBatches, write_shard
+from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
+from hooks import evaluate_loss
 from model import GPT, estimate_mfu
+from optimizer import build_optimizer
+from run_folder import read_log
+from schedule import lr_at
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
-from hooks import evaluate_loss
-from run_folder import read_log
-from train import build_optimizer, lr_at, train_step
+from train import train_step
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"  # read-only data beside the repo; absent in a fresh clone
@@ -143,23 +147,11 @@ class Bench:
                 for k, t in times.items()}
 
     def markov_data(self) -> str:
-        """A data folder (shards + meta.json) of a random first-order Markov chain: learnable, and cheap to make."""
+        """A data folder of a random Markov chain (markov.py): learnable, and cheap to make."""
         if "markov" not in self.memo:
             folder = self.tmp / "markov"
-            folder.mkdir()
-            vocab, rng = 512, np.random.default_rng(0)
-            cum = rng.dirichlet(np.full(vocab, 0.1), size=vocab).cumsum(axis=1)
-
-            def chains(n, width=256):  # width independent chains, stepped together, laid end to end
-                state, out = rng.integers(vocab, size=width), np.empty((n // width + 1, width), np.uint16)
-                for t in range(len(out)):
-                    out[t] = state
-                    state = np.minimum((cum[state] < rng.random(width)[:, None]).sum(axis=1), vocab - 1)
-                return out.T.reshape(-1)[:n]
-
-            write_shard(str(folder / "train_000000.bin"), chains(self.q(1_500_000, 100_000)))
-            write_shard(str(folder / "val_000000.bin"), chains(self.q(100_000, 20_000)))
-            (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": vocab, "eot": 0}))
+            markov.write_data(folder, vocab=512, n_train=self.q(1_500_000, 100_000), n_val=self.q(100_000, 20_000),
+                              concentration=0.1)
             self.memo["markov"] = str(folder)
         return self.memo["markov"]
 
@@ -590,7 +582,8 @@ def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
 
 # train.py's flags for each recipe. AdamW at nanoGPT's 1e-3 for this 6 x 384 shape (its shakespeare_char config);
 # Muon at 5e-3, which under match_rms_adamw moves the matrices about as far per step as Keller Jordan's 0.02 does
-# under his own scaling. Both picked by the small sweep that BENCHMARKS.md reports.
+# under his own scaling. The one sweep behind them (modern, tinytales, 80 steps, validation loss): AdamW 1e-3 2.446,
+# 3e-3 3.222; Muon (AdamW at 1e-3) 1e-3 1.298, 5e-3 1.036.
 RECIPES = {
     "gpt2 + AdamW": ["--arch", "gpt2", "--learning-rate", "1e-3"],
     "modern + AdamW": ["--arch", "modern", "--learning-rate", "1e-3"],
@@ -772,10 +765,7 @@ def write_report(path: str, blocks: dict):
     kept.update(blocks)
     text = INTRO.format(names=", ".join(SECTIONS)) + "\n".join(
         f"<!-- bench:{name} -->\n{kept[name]}<!-- /bench:{name} -->\n" for name in SECTIONS if name in kept)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file(path, text)
 
 
 def print_row(section: str, r: Row):

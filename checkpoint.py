@@ -8,6 +8,7 @@ half-written checkpoint that could be taken for the newest.
                             (older checkpoints: tokenizer.tiktoken + tokenizer.json, still read)
         state.pt            optimizer, data position, RNG: loaded with torch.load(weights_only=True)
 """
+import argparse
 import dataclasses
 import json
 import os
@@ -18,11 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import atomic
+import runtime
+from atomic import atomic_write
 from config import GPTConfig
 from errors import UserError
 from model import GPT
 from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
-
+from tokenizer import load_tokenizer
 
 # Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
 RANKS, SIDECAR = "kit_tokenizer.tiktoken", "kit_tokenizer.json"
@@ -45,35 +49,26 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
     try:
         os.makedirs(out_dir, exist_ok=True)
         if not staged:
-            shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, exist_ok=True)
-        weights = model.state_dict() if weights is None else weights
-        tied = model.config.tie_embeddings  # a tied head is the embedding: saved once, under the embedding's name
-        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if not (tied and k == HEAD)}
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
-            copy_tokenizer(tokenizer, tmp)
-            tokenizer = RANKS
-        meta = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer, "step": step}
-        if run_id is not None:  # which run wrote it: ranks of a multi-node resume check they read the same one
-            meta["run_id"] = run_id
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        if train_state is not None:
-            # Through our own file: on a full disk torch raises a vague RuntimeError chained to this file's OSError.
-            with open(os.path.join(tmp, "state.pt"), "wb") as f:
-                torch.save(train_state, f)
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # saving the same step again (e.g. after a resume): swap, then drop the old
-            old = os.path.join(out_dir, f".ckpt_{step:07d}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(out_dir)
+            atomic.remove(tmp)  # a killed save of the same pid's name
+        with atomic_write(final, tmp=tmp, durable=True):
+            os.makedirs(tmp, exist_ok=True)
+            weights = model.state_dict() if weights is None else weights
+            tied = model.config.tie_embeddings  # a tied head is the embedding: saved once, under its name
+            weights = {k: v.detach().contiguous().cpu() for k, v in weights.items() if not (tied and k == HEAD)}
+            save_file(weights, os.path.join(tmp, "model.safetensors"))
+            if os.path.isfile(tokenizer):  # copy a file tokenizer (and its sidecar) in; a name like "gpt2" is enough
+                copy_tokenizer(tokenizer, tmp)
+                tokenizer = RANKS
+            meta = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer, "step": step}
+            if run_id is not None:  # which run wrote it: ranks of a multi-node resume check they read the same one
+                meta["run_id"] = run_id
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+            if train_state is not None:
+                # Through our own file: on a full disk torch raises a vague RuntimeError chained to its OSError.
+                with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                    torch.save(train_state, f)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors wrap a full disk in their own types
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {_os_reason(e)}; make room or choose another --out-dir "
                         f"(earlier checkpoints are intact)")
     prune(out_dir, keep, protect)
@@ -101,6 +96,31 @@ def load_model(source: str, device="cpu") -> tuple[GPT, str]:
         if os.path.isfile(os.path.join(source, RANKS)):  # an export of ours keeps its own tokenizer
             tokenizer = os.path.join(source, RANKS)
     return model.to(device).eval(), tokenizer
+
+
+def add_model_args(parser: argparse.ArgumentParser, dtype_help: str):
+    """The flags that name a model and where it runs, the same for every script that reads one."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="out",
+                        help="a checkpoint, or a run folder to take its newest checkpoint from (default: %(default)s)")
+    source.add_argument("--init-from", metavar="NAME_OR_DIR",
+                        help="OpenAI GPT-2 instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl, with or "
+                             "without openai-community/; downloaded once)")
+    parser.add_argument("--tokenizer", help="gpt2 or a .tiktoken file (default: the one the model names)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES], help=dtype_help)
+
+
+def load_from_args(args, device) -> tuple[GPT, object, str]:
+    """(model in eval mode, its tokenizer, where it came from) for add_model_args' flags."""
+    # find_checkpoint first: its error names the folder, where load_model would try "out" as a hub name.
+    source = args.init_from or find_checkpoint(args.checkpoint)
+    model, spec = load_model(source, device)
+    enc = load_tokenizer(args.tokenizer or spec)
+    if enc.n_vocab != model.config.vocab_size:
+        raise UserError(f"tokenizer {args.tokenizer or spec} has {enc.n_vocab} tokens but the model {source} has "
+                        f"{model.config.vocab_size}; pass the tokenizer it was trained with")
+    return model, enc, source
 
 
 def load_train_state(ckpt: str) -> dict:
@@ -164,19 +184,3 @@ def _os_reason(e: BaseException) -> str:
     if cause is not None and cause.strerror:
         return cause.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _fsync_tree(folder: str):
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def _fsync_dir(folder: str):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -35,6 +35,12 @@ class GPTConfig:
         m = max(1, self.pad_vocab_multiple)
         return (self.vocab_size + m - 1) // m * m
 
+    @property
+    def swiglu_hidden_size(self) -> int:
+        """modern's MLP width: 8/3 n_embd keeps SwiGLU's three matrices at the parameters of GPT-2's two (4x)
+        ones; rounded up to a multiple of 128."""
+        return (8 * self.n_embd // 3 + 127) // 128 * 128
+
 
 @dataclass
 class TrainConfig:
@@ -81,6 +87,22 @@ class TrainConfig:
     wandb_run_name: Optional[str] = None
 
 
+def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
+    """Parameters as published: real vocabulary (no padding), tied head counted once; without the tables that are
+    looked up, not multiplied (positions; an untied input embedding) when include_embeddings is False (the count
+    that scales FLOPs)."""
+    C = cfg.n_embd
+    if cfg.arch == "modern":  # no position table; q/k norms per head
+        per_layer = 2 * C + 2 * (C // cfg.n_head) + 4 * C * C + 3 * C * cfg.swiglu_hidden_size
+        n = cfg.vocab_size * C + cfg.n_layer * per_layer + C
+        return n + cfg.vocab_size * C if include_embeddings and not cfg.tie_embeddings else n
+    ln = 2 * C if cfg.bias else C
+    per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
+    n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln
+    return n + cfg.block_size * C if include_embeddings else n
+
+
+
 # Each preset sets model fields and, where the preset implies a kind of run, training fields.
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
@@ -99,7 +121,8 @@ PRESETS = {
         ("350m", dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)),
         ("774m", dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024)),
         ("1558m", dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024)))},
-    # The CPU demo: the built-in tinytales corpus with its own 4,096-token tokenizer, minutes on a laptop.
+    # The CPU demo: the built-in tinytales corpus with its own tokenizer (4,096 asked for; its BPE stops at 2,290
+    # tokens, which meta.json then says), minutes on a laptop.
     "tiny": dict(
         n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=4096,
         data_dir="data/tinytales", out_dir="out/tiny", batch_size=16, total_batch_size=16 * 256,
@@ -225,12 +248,10 @@ def parse_configs(parser: argparse.ArgumentParser, argv=None):
 def main():
     """List the presets with their parameter counts."""
     argparse.ArgumentParser(description="List the model presets and their parameter counts.").parse_args()
-    import model  # only here, after --help: config.py imports no torch at import time
-
     print(f"{'preset':<14} {'layers':>6} {'heads':>5} {'n_embd':>6} {'block':>5} {'vocab':>6} {'params':>9}")
     for name, preset in PRESETS.items():
         cfg, _ = make_configs({k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})
-        n = model.count_params(cfg)
+        n = count_params(cfg)
         print(f"{name:<14} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>6} {cfg.block_size:>5} "
               f"{cfg.vocab_size:>6} {n / 1e6:>8.1f}M")
 

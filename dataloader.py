@@ -4,10 +4,12 @@ Shard layout (llm.c's): a header of 256 little-endian int32 [magic, version, n_t
 little-endian uint16 token ids.
 """
 import glob
+import json
 import os
 
 import numpy as np
 
+from atomic import atomic_write
 from errors import UserError
 
 MAGIC = 20240520
@@ -23,17 +25,11 @@ def write_shard(path: str, tokens: np.ndarray):
         raise TypeError(f"shard tokens must be uint16, got {tokens.dtype}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, durable=True) as tmp, open(tmp, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype("<u2", copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        os.replace(tmp, path)
     except OSError as e:  # a full disk, say: no half shard left behind, and one line that names the file
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot write shard {path}: {e.strerror or e}; make room and rerun prepare_data.py "
                         f"(it resumes, keeping the shards already written)")
 
@@ -60,6 +56,24 @@ def read_shard(path: str) -> np.ndarray:
     if n_tokens == 0:  # mmap cannot map zero bytes
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def read_meta(data_dir: str) -> dict:
+    """meta.json of prepare_data.py, with the tokenizer as a usable spec (a name or an absolute path)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no prepared data in {data_dir} (no meta.json): run prepare_data.py first, "
+                        f"e.g. python prepare_data.py --dataset tinytales, or point --data-dir at its output")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        tokenizer = meta["tokenizer"]
+        meta["vocab_size"] = int(meta["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {path}: {e!r}; rerun prepare_data.py")
+    if os.path.exists(os.path.join(data_dir, tokenizer)):
+        meta["tokenizer"] = os.path.abspath(os.path.join(data_dir, tokenizer))
+    return meta
 
 
 class DataLoader:
@@ -97,6 +111,10 @@ class DataLoader:
 
     def reset(self):
         self.next_window = 0
+
+    def identity(self) -> list:
+        """What the data is, whatever folder it sits in: each shard's name and token count."""
+        return [[os.path.basename(p), len(s)] for p, s in zip(self.paths, self.shards)]
 
     def state_dict(self) -> dict:
         """The position in tokens of the global sequence: independent of batch size and world size."""
@@ -155,9 +173,10 @@ class DeviceBatches:
 
     def _load(self):
         x, y = self.loader.next_batch()
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.device.type != "cuda":
+            return x.to(self.device), y.to(self.device)
+        # From pinned memory the copy is asynchronous: it overlaps the step still running on the GPU.
+        return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
 
     def __iter__(self):
         return self

@@ -11,21 +11,20 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 
 from safetensors.torch import save_file
 
 import checkpoint
+from atomic import atomic_write
 from config import TrainConfig
 from errors import UserError, run_main
-from model import GPT, swiglu_hidden_size
+from model import GPT, HF_CONV1D
 from run_folder import LOG, read_log
 from tokenizer import EOT, load_tokenizer
 
 LM_EVAL_TASKS = "hellaswag,arc_easy,piqa,winogrande,lambada_openai"
 GPT2_EOT = 50256  # <|endoftext|> of tiktoken's gpt2, known without downloading the tokenizer
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_config(model: GPT, eot: int) -> dict:
@@ -71,7 +70,7 @@ def gpt2_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
     if not model.config.bias:
         raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
                         f"so it cannot be exported as GPT-2")
-    return hf_config(model, eot), hf_weights(model, "transformer.wte.weight", CONV1D)
+    return hf_config(model, eot), hf_weights(model, "transformer.wte.weight", HF_CONV1D)
 
 
 def qwen3_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
@@ -82,7 +81,7 @@ def qwen3_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
         "model_type": "qwen3",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
-        "intermediate_size": swiglu_hidden_size(cfg.n_embd),
+        "intermediate_size": cfg.swiglu_hidden_size,
         "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_head,
@@ -253,39 +252,29 @@ def export(source: str, out_dir: str, overwrite: bool = False) -> str:
         raise UserError(f"{out_dir} exists; choose a new folder or pass --overwrite to replace it")
     eot = GPT2_EOT if tokenizer == "gpt2" else load_tokenizer(tokenizer).eot_token
     config, weights = ARCHITECTURES[model.config.arch](model, ckpt, eot)
-    # Built beside out_dir under another name and renamed at the end: an interrupted export leaves no half folder.
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            # Counted as exported: the real vocabulary, and a tied head once.
-            f.write(model_card(model, ckpt, out_dir, tokenizer, sum(t.numel() for t in weights.values())))
-        if tokenizer == "gpt2":
-            try:
-                write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)
-            except UserError as e:  # offline and never cached: the model is still usable with the hub's gpt2
-                print(f"warning: no tokenizer files written ({e}); AutoTokenizer 'gpt2' is the same tokenizer",
-                      file=sys.stderr)
-        else:
-            write_hf_tokenizer(load_tokenizer(tokenizer), tmp, model.config.block_size)
-            # The kit's own files keep names no Hugging Face tool reads, so --init-from can rebuild it exactly.
-            checkpoint.copy_tokenizer(tokenizer, tmp)
-        old = f"{tmp}.old"
-        if os.path.exists(out_dir):  # moved aside, and deleted only once the new folder is in place
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:  # whatever stops it (a full disk, a bad tokenizer, Ctrl-C) leaves no half folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a folder you can write to")
-        raise
+    try:  # built beside out_dir and renamed at the end: whatever stops it (a full disk, Ctrl-C) leaves no half folder
+        with atomic_write(out_dir) as tmp:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, f, indent=2)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                # Counted as exported: the real vocabulary, and a tied head once.
+                f.write(model_card(model, ckpt, out_dir, tokenizer, sum(t.numel() for t in weights.values())))
+            if tokenizer == "gpt2":
+                try:
+                    write_hf_tokenizer(load_tokenizer("gpt2"), tmp, model.config.block_size)
+                except UserError as e:  # offline and never cached: the model is still usable with the hub's gpt2
+                    print(f"warning: no tokenizer files written ({e}); AutoTokenizer 'gpt2' is the same tokenizer",
+                          file=sys.stderr)
+            else:
+                write_hf_tokenizer(load_tokenizer(tokenizer), tmp, model.config.block_size)
+                # The kit's own files keep names no Hugging Face tool reads, so --init-from can rebuild it exactly.
+                checkpoint.copy_tokenizer(tokenizer, tmp)
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a folder you can write to")
     return ckpt
 
 

@@ -18,7 +18,6 @@ import checkpoint
 import runtime
 from errors import UserError, run_main
 from model import GPT
-from tokenizer import load_tokenizer
 
 RULE = "-" * 40  # between samples
 
@@ -92,11 +91,9 @@ def for_inference(model: GPT, dtype: torch.dtype) -> GPT:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample text from a checkpoint or from GPT-2, streamed as it is produced.")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default="out",
-                        help="a checkpoint, or a run folder to take its newest checkpoint from (default: %(default)s)")
-    source.add_argument("--init-from", metavar="NAME_OR_DIR",
-                        help="GPT-2 weights instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl; online)")
+    checkpoint.add_model_args(p, dtype_help="the weights' dtype; auto is bfloat16 where the hardware has it natively "
+                                            "(CUDA, AMX/AVX512-BF16 CPUs), else float32 (the choice that matches "
+                                            "transformers token for token)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts a new document")
     p.add_argument("--num-samples", type=int, default=1,
                    help="samples, decoded together as one batch (default: %(default)s)")
@@ -108,11 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same samples (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
-                   help="the weights' dtype; auto is bfloat16 where the hardware has it natively (CUDA, AMX/AVX512-BF16 "
-                        "CPUs), else float32 (the choice that matches transformers token for token)")
-    p.add_argument("--tokenizer", help="gpt2 or a .tiktoken file; by default the one the checkpoint names")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (slow; to debug)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1:
@@ -126,13 +118,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(args.dtype, device)
-    # find_checkpoint first: its error names the folder, where load_model would try "out" as a hub name.
-    source = args.init_from or checkpoint.find_checkpoint(args.checkpoint)
-    model, tokenizer = checkpoint.load_model(source, device)
-    enc = load_tokenizer(args.tokenizer or tokenizer)
-    if enc.n_vocab != model.config.vocab_size:
-        raise UserError(f"tokenizer {args.tokenizer or tokenizer} has {enc.n_vocab} tokens but the model "
-                        f"{source} has {model.config.vocab_size}; pass the tokenizer it was trained with")
+    model, enc, source = checkpoint.load_from_args(args, device)
     model = for_inference(model, dtype)
     print(f"sampling from {source} on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     ids = encode_prompt(enc, args.prompt, model.config.block_size)

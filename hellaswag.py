@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import checkpoint
 import runtime
-import tokenizer
+from atomic import atomic_write, write_file
 from errors import UserError, run_main
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -47,24 +47,20 @@ def download(url: str, dest: str, lines: int = 0) -> str:
     dies half-way is never taken for the whole file."""
     if os.path.isfile(dest):
         return dest
-    tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-            if getattr(response, "length", None):  # read(n) gives b"" on a cut body, so check the length
-                raise http.client.IncompleteRead(b"", response.length)
-        with open(tmp, "rb") as f:
-            got = sum(1 for _ in f)
-        if lines and got != lines:
-            os.remove(tmp)
-            raise UserError(f"{url} gave {got} lines, not the {lines} expected; it was not kept; rerun to try again "
-                            f"or pass --data PATH to a local hellaswag_val.jsonl(.gz)")
-        os.replace(tmp, dest)
+        with atomic_write(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                if getattr(response, "length", None):  # read(n) gives b"" on a cut body, so check the length
+                    raise http.client.IncompleteRead(b"", response.length)
+            with open(tmp, "rb") as f:
+                got = sum(1 for _ in f)
+            if lines and got != lines:
+                raise UserError(f"{url} gave {got} lines, not the {lines} expected; it was not kept; rerun to try "
+                                f"again or pass --data PATH to a local hellaswag_val.jsonl(.gz)")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # IncompleteRead is an HTTPException
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot download {url} to {dest}: {getattr(e, 'reason', None) or e}; "
                         f"go online once or pass --data PATH to a local hellaswag_val.jsonl(.gz)")
     return dest
@@ -228,31 +224,21 @@ def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 4, dis
 
 
 def write_json(path: str, obj: dict):
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """obj as JSON at path, atomically; a path that cannot be written is one line."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
+        write_file(path, json.dumps(obj, indent=2))
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}")
 
 
 def main():
     parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (acc, acc_norm) of a model.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default="out", help="checkpoint folder, or a folder whose newest "
-                        "checkpoint to use (default: out)")
-    source.add_argument("--init-from", default=None, help="OpenAI GPT-2 by hub name (gpt2 ... gpt2-xl, with or "
-                        "without openai-community/) or a Hugging Face GPT-2 folder")
-    parser.add_argument("--tokenizer", default=None, help="gpt2 or a .tiktoken file (default: the model's own)")
+    checkpoint.add_model_args(parser, dtype_help="autocast dtype: auto is bfloat16 where the hardware has it natively "
+                                                  "(CUDA, AMX/AVX512-BF16 CPUs), else float32")
     parser.add_argument("--data", default=None, help="local hellaswag_val.jsonl(.gz) (default: download once)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the download is kept (default: "
                         f"{DEFAULT_CACHE})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="autocast dtype: auto (bfloat16 where the hardware has "
-                        "it natively: CUDA, AMX/AVX512-BF16 CPUs; else float32), float32, bfloat16")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per forward (default: 4)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N examples (default: all)")
     parser.add_argument("--out", default=None, help="also write {acc, acc_norm, n} to this JSON file")
@@ -263,11 +249,7 @@ def main():
     dist = runtime.setup_distributed(args.device)
     try:
         examples = load_examples(args.data, args.limit, args.cache_dir)
-        model, tokenizer_spec = checkpoint.load_model(args.init_from or args.checkpoint, dist.device)
-        enc = tokenizer.load_tokenizer(args.tokenizer or tokenizer_spec)
-        if enc.n_vocab > model.config.vocab_size:
-            raise UserError(f"tokenizer {enc.name} has {enc.n_vocab} tokens, the model only "
-                            f"{model.config.vocab_size}: pass the tokenizer it was trained with")
+        model, enc, _ = checkpoint.load_from_args(args, dist.device)
         dtype = runtime.pick_dtype(args.dtype, dist.device)
         t0 = time.perf_counter()
         result = evaluate(model, enc, examples, dist.device, dtype, args.batch_size, dist, progress=dist.is_master)

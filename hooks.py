@@ -4,14 +4,19 @@ Everything a hook needs is resolved before step 1, so a long run never dies at i
 tokenizer, the sample prompt's tokens and the HellaSwag rows. HellaSwag that cannot be had (an offline node, a
 bad file) turns that hook off for the run with one warning, on every rank alike.
 """
+import dataclasses
+import time
+from typing import Optional
+
 import torch
 
 import generate
 import hellaswag
+import parallel
 import runtime
-import sharding
 from config import GPTConfig, TrainConfig
 from errors import UserError
+from model import estimate_mfu
 from run_folder import RunFolder
 from tokenizer import load_tokenizer
 
@@ -21,16 +26,55 @@ def due(step: int, interval: int, max_steps: int) -> bool:
     return interval > 0 and (step % interval == 0 or step == max_steps)
 
 
+class StepTimer:
+    """Seconds per optimizer step over a log window. The clock leaves out the run's first step (compilation,
+    warm-up) and what runs between windows (evaluations, saves): train.py restarts it after each window."""
+
+    def __init__(self, device, first_step: int):
+        self.device, self.first_step = device, first_step
+        self.restart()
+
+    def restart(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self, step: int):
+        self.steps += 1
+        if step == self.first_step + 1:
+            runtime.synchronize(self.device)
+            self.restart()
+
+    def per_step(self) -> Optional[float]:
+        """None for a window that held only the warm-up step."""
+        return (time.perf_counter() - self.start) / self.steps if self.steps else None
+
+
 class RunLog:
     """log.jsonl (through the run folder), the console and wandb: rank 0 writes, the other ranks do nothing."""
 
-    def __init__(self, folder: RunFolder, cfg: TrainConfig, config_dict: dict, enabled: bool):
-        self.folder, self.enabled, self.wandb = folder, enabled, None
-        if enabled and cfg.wandb:
+    def __init__(self, folder: RunFolder, model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist,
+                 peak_flops: float):
+        self.folder, self.model_cfg, self.cfg, self.wandb = folder, model_cfg, cfg, None
+        self.enabled, self.world_size, self.peak_flops = ctx.is_master, ctx.world_size, peak_flops
+        if self.enabled and cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict,
+            config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg)}
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config,
                                     resume="allow")
+
+    def training(self, step: int, losses: list, grad_norm, lr: float, seconds_per_step: Optional[float]):
+        """One line for a log window: the loss averaged over its steps and all ranks (every rank calls this), the
+        last step's gradient norm, and the speed."""
+        mean_loss = runtime.all_reduce(torch.stack(losses).mean()) / self.world_size
+        loss, norm = torch.stack([mean_loss, grad_norm.float()]).tolist()
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+        line = f"step {step:6d}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f}"
+        if seconds_per_step is not None:
+            tps = self.cfg.total_batch_size / seconds_per_step
+            mfu = estimate_mfu(self.model_cfg, self.model_cfg.block_size, tps, self.peak_flops * self.world_size)
+            record.update(tokens_per_sec=tps, ms_per_step=seconds_per_step * 1000, mfu=mfu)
+            line += f" | {seconds_per_step * 1000:.0f} ms | {tps:,.0f} tok/s | mfu {mfu:.1%}"
+        self.write(record, line)
 
     def write(self, record: dict, console: str = ""):
         if not self.enabled:
@@ -93,24 +137,24 @@ class Hooks:
                   f"PATH to a local hellaswag_val.jsonl(.gz); --hellaswag-interval 0 silences this", flush=True)
         return None
 
-    def run(self, step: int, model, raw_model):
-        """The hooks due at `step`. model runs the validation forward (compiled and DDP-wrapped where training
-        is), raw_model the generation and the packed HellaSwag scorer, which need the plain GPT."""
+    def run(self, step: int, runner, model):
+        """The hooks due at `step`. runner runs the validation forward (compiled and DDP-wrapped where training
+        is), model the generation and the packed HellaSwag scorer, which need the plain GPT."""
         cfg, max_steps = self.cfg, self.cfg.max_steps
         if due(step, cfg.eval_interval, max_steps):
-            val_loss = evaluate_loss(model, self.val_loader, cfg.eval_steps, self.ctx.device, self.dtype)
+            val_loss = evaluate_loss(runner, self.val_loader, cfg.eval_steps, self.ctx.device, self.dtype)
             self.log.write({"step": step, "val_loss": val_loss}, f"step {step:6d} | val loss {val_loss:.4f}")
         if self.examples is not None and due(step, cfg.hellaswag_interval, max_steps):
-            with sharding.gathered(raw_model):
-                result = hellaswag.evaluate(raw_model, self.enc, self.examples, self.ctx.device, self.dtype,
+            with parallel.gathered(model):
+                result = hellaswag.evaluate(model, self.enc, self.examples, self.ctx.device, self.dtype,
                                             dist=None if self.sharded else self.ctx)
             self.log.write({"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
                            f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['n']} examples)")
         if (self.ctx.is_master or self.sharded) and due(step, cfg.sample_interval, max_steps):
             # A private generator: sampling must not move the training RNG, or resume would not be exact.
             gen = torch.Generator(self.ctx.device).manual_seed(cfg.seed)
-            with sharding.gathered(raw_model):
-                text = generate.complete(raw_model, self.enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
+            with parallel.gathered(model):
+                text = generate.complete(model, self.enc, cfg.sample_prompt, max_new_tokens=48, generator=gen,
                                          dtype=self.dtype)[0]
             if self.ctx.is_master:
                 print(f"step {step:6d} | sample: {cfg.sample_prompt}{text}".replace("\n", " "), flush=True)

@@ -2,7 +2,7 @@
 
 Module names follow OpenAI's/Hugging Face's checkpoints (transformer.h.0.attn.c_attn, ...) so their weights map
 one to one. Attention runs through F.scaled_dot_product_attention (flash attention on CUDA). A KVCache makes
-generation and shared-prefix scoring cost one new token per step instead of the whole context.
+generation cost one new token per step instead of the whole context.
 """
 import json
 import math
@@ -13,8 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import GPTConfig
+from config import GPTConfig, count_params
 from errors import UserError
+
+
+# The projections OpenAI's (and transformers') GPT-2 stores as Conv1D, (in, out): ours are nn.Linear, (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class KVCache:
@@ -30,12 +34,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-    def repeat_interleave(self, n: int) -> "KVCache":
-        """A cache whose rows are each of ours n times: one shared prefix, n different continuations."""
-        out = KVCache.__new__(KVCache)
-        out.k, out.v, out.pos = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1), self.pos
-        return out
 
 
 def attend(q, k, v, layer: int, cache: Optional[KVCache], attn_mask, dropout_p: float):
@@ -200,7 +198,6 @@ class GPT(nn.Module):
         model = cls(cfg)
         sd = _hf_state_dict(folder)
         own = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for key, tensor in sd.items():
                 key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
@@ -208,7 +205,7 @@ class GPT(nn.Module):
                     continue  # causal-mask buffers of old checkpoints; the head is tied to wte
                 if key not in own:
                     raise UserError(f"unexpected weight {key} in {folder}: not a GPT-2 checkpoint")
-                if key.endswith(transposed):  # HF stores these as Conv1D, (in, out)
+                if key.endswith(HF_CONV1D):
                     tensor = tensor.t()
                 target = own.pop(key)
                 if key == "transformer.wte.weight":
@@ -315,11 +312,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def swiglu_hidden_size(n_embd: int) -> int:
-    # 8/3 * n_embd keeps SwiGLU's three matrices at the parameter count of GPT-2's two (4x) ones; rounded to 128.
-    return (8 * n_embd // 3 + 127) // 128 * 128
-
-
 class ModernAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -341,7 +333,7 @@ class ModernAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        hidden = swiglu_hidden_size(cfg.n_embd)
+        hidden = cfg.swiglu_hidden_size
         self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
@@ -414,21 +406,6 @@ def sample(logits, temperature: float, top_k: Optional[int], top_p: float, gener
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
-    """Parameters as published: real vocabulary (no padding), tied head counted once; without the tables that are
-    looked up, not multiplied (positions; an untied input embedding) when include_embeddings is False (the count
-    that scales FLOPs)."""
-    C = cfg.n_embd
-    if cfg.arch == "modern":  # no position table; q/k norms per head
-        per_layer = 2 * C + 2 * (C // cfg.n_head) + 4 * C * C + 3 * C * swiglu_hidden_size(C)
-        n = cfg.vocab_size * C + cfg.n_layer * per_layer + C
-        return n + cfg.vocab_size * C if include_embeddings and not cfg.tie_embeddings else n
-    ln = 2 * C if cfg.bias else C
-    per_layer = 2 * ln + 12 * C * C + ((3 + 1 + 4 + 1) * C if cfg.bias else 0)
-    n = cfg.vocab_size * C + cfg.n_layer * per_layer + ln
-    return n + cfg.block_size * C if include_embeddings else n
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:

@@ -10,6 +10,7 @@ import math
 import os
 import statistics
 
+from atomic import atomic_write
 from errors import UserError, run_main
 from run_folder import read_log
 
@@ -69,14 +70,11 @@ def figure(**kwargs):
 
 def save_png(fig, out_path: str):
     """fig as a PNG at out_path, written to a temporary file and renamed over it."""
-    tmp = f"{out_path}.tmp-{os.getpid()}"  # beside it, so the rename is atomic: a reader never sees half a PNG
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png: give the format
-        os.replace(tmp, out_path)
+        with atomic_write(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png: give the format
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise UserError(f"cannot write {out_path}: {e.strerror or e}")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import errors
+from atomic import write_file
 from dataloader import HEADER_BYTES, MAGIC, VERSION, read_shard, write_shard
 from errors import UserError
 from tokenizer import check_uint16, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
@@ -96,7 +97,7 @@ def main(argv=None):
         "provenance": {**source, "files": source["files"][:counts["files_read"]]},
         "shard_format": {"magic": MAGIC, "version": VERSION, "header_int32": 256, "dtype": "uint16"},
     }
-    write_json_atomic(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     (out / "job.json").unlink()  # meta.json now records the settings
     if release:
         shutil.rmtree(out / DOWNLOADS, ignore_errors=True)
@@ -664,7 +665,7 @@ class Progress:
         self.path, self.release = path, release  # release(n): the first n files are no longer needed
         self.job = {"settings": settings, "source": source, "resume": resume}
         self.pending = deque()  # boundaries passed, in order, whose tokens are not all in shards yet
-        write_json_atomic(path, self.job)
+        write_json(path, self.job)
 
     def boundary(self, point: dict, splits: dict):
         self.pending.append({**point, **{name: writer.state() for name, writer in splits.items()}})
@@ -676,7 +677,7 @@ class Progress:
             latest = self.pending.popleft()
         if latest:
             self.job["resume"] = latest
-            write_json_atomic(self.path, self.job)
+            write_json(self.path, self.job)
             if self.release:
                 self.release(latest["file"])
 
@@ -711,7 +712,7 @@ def claim_folder(out: Path, overwrite: bool):
     if overwrite:
         remove(out, OUR_FILES)
     out.mkdir(parents=True, exist_ok=True)
-    remove(out, [pattern + ".tmp" for pattern in OUR_FILES])
+    remove(out, [pattern + ".tmp-*" for pattern in OUR_FILES])
     # huggingface_hub names a partial download uniquely per process, so it never takes up a killed run's
     remove(out / DOWNLOADS / ".cache", ["**/*.incomplete"])
 
@@ -732,10 +733,9 @@ def read_json(path: Path) -> dict:
     return obj
 
 
-def write_json_atomic(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+
+def write_json(path: Path, obj):
+    write_file(path, json.dumps(obj, indent=1) + "\n")
 
 
 if __name__ == "__main__":

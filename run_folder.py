@@ -16,6 +16,7 @@ import shutil
 import socket
 from typing import Optional
 
+from atomic import write_file
 from errors import UserError
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)$")
@@ -177,10 +178,7 @@ class RunFolder:
         if data and not data.endswith(b"\n"):
             print(f"note: the last line of {self.log_path} was cut short (killed mid-write?); dropped", flush=True)
         keep = [r for r in read_log(self.log_path) if step > 0 and r["step"] <= step]
-        tmp = self.log_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.log_path)
+        write_file(self.log_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def append_log(self, record: dict):
         try:

@@ -39,9 +39,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype. 'auto' is bfloat16 where the hardware computes it natively (GPUs since Ampere; CPUs
-    with AMX or AVX512-BF16, where its large matmuls run ~6x faster than float32 and a training step 1.2-1.6x:
-    see BENCHMARKS.md),
+    """The autocast dtype. 'auto' is bfloat16 where the hardware computes it natively: GPUs since Ampere, and CPUs
+    with AMX or AVX512-BF16, whose bfloat16 matmuls run 2.2x (AVX512-BF16) to 6.4x (AMX) float32's (BENCHMARKS.md).
     float32 elsewhere: on other CPUs bfloat16 is emulated and slower."""
     if name == "auto":
         if device.type == "cuda":  # emulated bf16 (pre-Ampere) would be slower than float32
@@ -158,6 +157,13 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def any_rank(device: torch.device, *flags) -> list[bool]:
+    """Each flag (a bool, or a 0-d tensor on device) true if it is true on any process: one collective for all.
+    The values travel on device, as NCCL needs."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in flags])
+    return [bool(v) for v in all_reduce(values, op=MAX).tolist()]
 
 
 def teardown_distributed():

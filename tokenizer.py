@@ -8,12 +8,12 @@ exactly tiktoken's "gpt2" encoding.
 import base64
 import binascii
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import tiktoken
 
+from atomic import write_file
 from errors import UserError
 
 EOT = "<|endoftext|>"
@@ -100,9 +100,9 @@ def save_tokenizer(enc: tiktoken.Encoding, out_path: str):
     """Write enc as a rank file plus its sidecar. The sidecar goes first, so a rank file that exists is complete."""
     # tiktoken has no public accessor for its parts; these attributes are what its own pickling uses.
     sidecar = {"pat_str": enc._pat_str, "special_tokens": enc._special_tokens}
-    _write_atomic(_sidecar(out_path), json.dumps(sidecar, indent=1).encode("utf-8"))
+    write_file(_sidecar(out_path), json.dumps(sidecar, indent=1).encode("utf-8"))
     ranked = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
-    _write_atomic(Path(out_path), b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranked))
+    write_file(Path(out_path), b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranked))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> tiktoken.Encoding:
@@ -126,8 +126,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> tik
     save_tokenizer(enc, out_path)
     return enc
 
-
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

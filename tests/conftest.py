@@ -1,15 +1,16 @@
-"""Fixtures shared by every test file: small random GPT-2s (ours, and in Hugging Face's format), and GPT-2's
-rank file. Tests are offline: models come from random weights, the tokenizer from ../shared/data.
+"""Fixtures shared by every test file: small random GPT-2s (ours, and in Hugging Face's format), GPT-2's rank
+file, and a small Markov data folder. Tests are offline: models come from random weights, the tokenizer from
+../shared/data. The plain functions the tests share are in helpers.py.
 """
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the kit is flat scripts at the repo root
+import markov
+from helpers import perturb, shared_data
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; fail fast instead of waiting on the network
 # The test models are tiny: one thread loses nothing, while OpenMP threads that spin-wait for each other stall
 # badly (10x and more) when the cores are shared with other jobs. The variable reaches the CLI subprocesses.
@@ -20,14 +21,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 HF_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
 # Ours, where no tokenizer is needed: a small vocabulary keeps the head cheap.
 GPT_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=300)
-
-
-def perturb(model: torch.nn.Module) -> torch.nn.Module:
-    """Fresh LayerNorms are 1 and 0 and fresh biases 0: nudge every tensor so a mix-up of any of them shows."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +50,20 @@ def random_gpt():
 @pytest.fixture(scope="session")
 def gpt2_tiktoken() -> Path:
     """OpenAI's GPT-2 ranks as a tiktoken file; with GPT-2's pattern and <|endoftext|> it is exactly gpt2."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2.tiktoken"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (it lives next to the repo, not in a fresh clone)")
-    return path
+    return shared_data("gpt2.tiktoken")
+
+
+@pytest.fixture(scope="session")
+def enc(gpt2_tiktoken):
+    """GPT-2's tokenizer as the kit loads it from the rank file."""
+    from tokenizer import load_tokenizer
+
+    return load_tokenizer(str(gpt2_tiktoken))
+
+
+@pytest.fixture(scope="session")
+def markov_dir(tmp_path_factory) -> Path:
+    """A Markov data folder of 30,000 training tokens (vocabulary 8), for the runs that only read their data."""
+    folder = tmp_path_factory.mktemp("markov")
+    markov.write_data(folder, n_train=30_000, n_val=5_000)
+    return folder

@@ -1,14 +1,11 @@
 """bench.py: --quick runs every section end to end and writes BENCHMARKS.md; --only keeps the other sections.
 No figure is checked: timings prove nothing on a shared machine."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import bench
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_cli
 
 
 def test_only_replaces_its_sections_and_keeps_the_others(tmp_path):
@@ -23,8 +20,7 @@ def test_only_replaces_its_sections_and_keeps_the_others(tmp_path):
 @pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
     out = tmp_path / "B.md"
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = run_cli("bench.py", "--quick", "--threads", 1, "--out", out, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     for name in bench.SECTIONS:
@@ -40,8 +36,7 @@ def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
 @pytest.mark.slow
 def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_path, gpt2_tiktoken):
     out = tmp_path / "B.md"
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "recipe", "--threads", "1", "--out",
-                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = run_cli("bench.py", "--quick", "--only", "recipe", "--threads", 1, "--out", out, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     for corpus in ("tinytales", "real English"):

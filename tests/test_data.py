@@ -2,10 +2,8 @@
 import base64
 import hashlib
 import io
-import importlib.util
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -24,10 +22,9 @@ import torch
 import prepare_data
 from dataloader import HEADER_BYTES, MAGIC, DataLoader, read_shard, write_shard
 from errors import UserError
+from helpers import REPO, assert_one_line_error, corrupt, make_docs, run_cli, write_jsonl
 from hub_server import HubServer
 from tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- shards ----
@@ -41,21 +38,6 @@ def test_shard_round_trip(tmp_path):
     assert path.stat().st_size == HEADER_BYTES + 2 * 5
     assert np.array_equal(read_shard(str(path)), tokens)
     assert [p.name for p in tmp_path.iterdir()] == ["train_000000.bin"]  # no .tmp left over
-
-
-def corrupt(path: Path, how: str):
-    data = bytearray(path.read_bytes())
-    if how == "magic":
-        data[0:4] = (123).to_bytes(4, "little")
-    elif how == "version":
-        data[4:8] = (2).to_bytes(4, "little")
-    elif how == "truncated body":
-        data = data[:-2]
-    elif how == "count disagrees":
-        data += b"\0\0"
-    elif how == "short header":
-        data = data[:100]
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how, message", [("magic", "wrong magic"), ("version", "version 2"),
@@ -199,21 +181,6 @@ def test_loader_user_errors(tmp_path):
 
 # ---- prepare_data.py ----
 
-WORDS = "the a cat dog sat ran on under mat tree naïve café 日本語 😀 42 1999 don't it's".split()
-
-
-def make_docs(n, seed=0, max_words=80):
-    rng = random.Random(seed)
-    seps = [" ", " ", " ", "\n", "  ", "\t", ", ", ".\n\n"]
-    return ["".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(rng.randint(1, max_words)))
-            for _ in range(n)]
-
-
-@pytest.fixture(scope="session")
-def gpt2(gpt2_tiktoken):  # the rank file's fixture is in conftest.py; it skips when the file is absent
-    return load_tokenizer(str(gpt2_tiktoken))
-
-
 def expected_tokens(enc, docs):
     return np.array([t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)], dtype=np.uint16)
 
@@ -240,15 +207,6 @@ def prepare_gpt2(gpt2_tiktoken):
     return lambda out, *argv: prepare(out, "--tokenizer", gpt2_tiktoken, *argv)
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
-def write_jsonl(path: Path, docs):
-    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
-
-
 def write_parquet(path: Path, docs, column="text"):
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({column: docs}), path)
@@ -259,46 +217,46 @@ def source_layouts(root: Path, docs):
     (root / "txt").mkdir(parents=True)
     for i, d in enumerate(docs):
         (root / "txt" / f"{i:03d}.txt").write_text(d, encoding="utf-8")
-    write_jsonl(root / "one.jsonl", docs)
+    write_jsonl(root / "one.jsonl", docs, text=True)
     write_parquet(root / "one.parquet", docs)
     mixed = root / "mixed"  # sorted: a.jsonl, b/c.parquet, d.txt
     mixed.mkdir()
-    write_jsonl(mixed / "a.jsonl", docs[:10])
+    write_jsonl(mixed / "a.jsonl", docs[:10], text=True)
     write_parquet(mixed / "b" / "c.parquet", docs[10:-1])
     (mixed / "d.txt").write_text(docs[-1], encoding="utf-8")
     (mixed / "notes.md").write_text("not a document")
     globbed = root / "glob"
     globbed.mkdir()
-    write_jsonl(globbed / "p1.jsonl", docs[:15])
-    write_jsonl(globbed / "p2.jsonl", docs[15:])
-    write_jsonl(globbed / "skip.json", ["never read"])
+    write_jsonl(globbed / "p1.jsonl", docs[:15], text=True)
+    write_jsonl(globbed / "p2.jsonl", docs[15:], text=True)
+    write_jsonl(globbed / "skip.json", ["never read"], text=True)
     return {"txt": [root / "txt" / f"{i:03d}.txt" for i in range(len(docs))], "jsonl": [root / "one.jsonl"],
             "parquet": [root / "one.parquet"], "folder": [mixed], "glob": [str(globbed / "p*.jsonl")]}
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "folder", "glob"])
-def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_path, gpt2, prepare_gpt2, kind):
+def test_each_input_kind_gives_tiktoken_tokens_plus_one_eot_per_document(tmp_path, enc, prepare_gpt2, kind):
     docs = make_docs(30)
     inputs = source_layouts(tmp_path / "src", docs)[kind]
     meta = prepare_gpt2(tmp_path / "out", "--input", *inputs, "--val-tokens", 200)
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
     splits = meta["splits"]
     assert splits["val"]["documents"] + splits["train"]["documents"] == 30
-    assert sum(s["tokens"] for s in splits.values()) == len(expected_tokens(gpt2, docs))
+    assert sum(s["tokens"] for s in splits.values()) == len(expected_tokens(enc, docs))
     # val: whole first documents, just enough to reach --val-tokens
-    val_lengths = [len(gpt2.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
+    val_lengths = [len(enc.encode_ordinary(d)) + 1 for d in docs[:splits["val"]["documents"]]]
     assert sum(val_lengths) == splits["val"]["tokens"] and sum(val_lengths[:-1]) < 200 <= sum(val_lengths)
     assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 50257 and meta["eot"] == 50256
     assert meta["shuffle"] is True  # a small local corpus: the loader shuffles its windows
     assert not (tmp_path / "out" / "job.json").exists()
 
 
-def test_limit_docs_stops_within_a_file_and_provenance_lists_the_files_read(tmp_path, gpt2, prepare_gpt2):
+def test_limit_docs_stops_within_a_file_and_provenance_lists_the_files_read(tmp_path, enc, prepare_gpt2):
     docs = make_docs(30, seed=4)
     for i in range(3):
-        write_jsonl(tmp_path / f"p{i}.jsonl", docs[10 * i:10 * i + 10])
+        write_jsonl(tmp_path / f"p{i}.jsonl", docs[10 * i:10 * i + 10], text=True)
     meta = prepare_gpt2(tmp_path / "out", "--input", tmp_path / "p*.jsonl", "--limit-docs", 15, "--val-tokens", 50)
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs[:15]))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs[:15]))
     files = [{"path": str(tmp_path / f"p{i}.jsonl"), "size": (tmp_path / f"p{i}.jsonl").stat().st_size}
              for i in range(2)]
     assert meta["provenance"] == {"files": files}  # the third was never opened
@@ -314,26 +272,26 @@ def fineweb_copy(root: Path, sample_docs, other_docs):
     return root
 
 
-def test_fineweb_edu_path_on_a_local_copy(tmp_path, gpt2, prepare_gpt2):
+def test_fineweb_edu_path_on_a_local_copy(tmp_path, enc, prepare_gpt2):
     sample, other = make_docs(20, seed=1), make_docs(5, seed=2)
     hub = fineweb_copy(tmp_path / "fw", sample, other)
     meta = prepare_gpt2(tmp_path / "out", "--dataset", "fineweb-edu", "--hub-path", hub, "--val-tokens", 100)
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, sample))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, sample))
     assert meta["shuffle"] is False  # documents already shuffled
     meta = prepare_gpt2(tmp_path / "all", "--dataset", "fineweb-edu", "--hub-path", hub, "--fineweb-name", "default",
                         "--val-tokens", 10, "--hub-revision", "v1.2.0")
     assert meta["settings"]["hub_revision"] == "v1.2.0" and meta["settings"]["fineweb_name"] == "default"
-    assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(gpt2, other))
+    assert np.array_equal(all_tokens(tmp_path / "all"), expected_tokens(enc, other))
 
 
-def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare_gpt2):
+def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, enc, prepare_gpt2):
     per_doc = prepare_data.BOOKCORPUS_SENTENCES_PER_DOC
     sentences = [f"sentence {i} of the book ." for i in range(2 * per_doc + 5)]
     write_parquet(tmp_path / "bc" / "plain_text" / "train" / "0000.parquet", sentences)  # the parquet export
     meta = prepare_gpt2(tmp_path / "out", "--dataset", "bookcorpus", "--hub-path", tmp_path / "bc",
                         "--val-tokens", 1)
     docs = [" ".join(sentences[i:i + per_doc]) for i in range(0, len(sentences), per_doc)]
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
     assert meta["shuffle"] is True  # books in order: windows need shuffling
     assert meta["settings"]["hub_revision"] == "refs/convert/parquet"  # bookcorpus's parquet export by default
@@ -341,7 +299,7 @@ def test_bookcorpus_path_on_a_local_copy_joins_sentences(tmp_path, gpt2, prepare
 
 def test_trained_tokenizer_end_to_end(tmp_path):
     docs = make_docs(200, seed=3)
-    write_jsonl(tmp_path / "c.jsonl", docs)
+    write_jsonl(tmp_path / "c.jsonl", docs, text=True)
     meta = prepare(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--train-tokenizer", "--vocab-size", 300,
                    "--val-tokens", 500)
     assert meta["tokenizer"] == "tokenizer.tiktoken" and meta["vocab_size"] == 300 and meta["eot"] == 299
@@ -349,7 +307,6 @@ def test_trained_tokenizer_end_to_end(tmp_path):
     assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tinytales") is None, reason="tinytales.py is not written yet")
 def test_tinytales_trains_its_own_tokenizer(tmp_path):
     out = tmp_path / "tiny"
     prepare_data.main(["--dataset", "tinytales", "--out", str(out), "--tinytales-tokens", "60000",
@@ -371,7 +328,7 @@ def big(tmp_path_factory, prepare_gpt2):
     """A corpus of about two million tokens and its 50-odd shards, prepared with 2 workers."""
     root = tmp_path_factory.mktemp("big")
     for i in range(4):
-        write_jsonl(root / f"part{i}.jsonl", make_docs(1500, seed=10 + i, max_words=300))
+        write_jsonl(root / f"part{i}.jsonl", make_docs(1500, seed=10 + i, max_words=300), text=True)
     out = root / "reference"
     prepare_gpt2(out, "--input", root / "part*.jsonl", *RUN)
     assert len(shard_bytes(out)) > 10
@@ -410,7 +367,7 @@ def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tm
                                                                               prepare_gpt2, jsonl_reads, capsys):
     out = tmp_path / "killed"
     argv = ("--input", big / "part*.jsonl", "--out", out, "--workers", 1, "--tokenizer", gpt2_tiktoken, *RUN)
-    proc = subprocess.Popen([sys.executable, "prepare_data.py", *map(str, argv)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", *map(str, argv)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -430,7 +387,7 @@ def test_resume_after_sigkill_skips_finished_files_and_gives_identical_shards(tm
     prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
     assert read == [f"part{i}.jsonl" for i in range(skipped, 4)]  # the files before the resume point: not read
     assert shard_bytes(out) == shard_bytes(big / "reference")
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
     read.clear()
     prepare_gpt2(damaged, "--input", big / "part*.jsonl", *RUN)
@@ -445,7 +402,7 @@ def test_resume_after_a_bad_file_takes_up_a_val_split_spanning_files(tmp_path, p
     for folder in (src, fixed):
         folder.mkdir()
         for i in range(3):
-            write_jsonl(folder / f"p{i}.jsonl", docs[20 * i:20 * i + 20])
+            write_jsonl(folder / f"p{i}.jsonl", docs[20 * i:20 * i + 20], text=True)
     good = (src / "p2.jsonl").read_bytes()
     (src / "p2.jsonl").write_bytes(b"[" + good[1:])  # not JSON, and the same size as once it is fixed
     run = ("--shard-size", 300, "--val-tokens", 2500)  # val: all of p0 and part of p1
@@ -462,26 +419,31 @@ def test_resume_after_a_bad_file_takes_up_a_val_split_spanning_files(tmp_path, p
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "reference")
 
 
-def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gpt2):
-    out = tmp_path / "damaged"
+def unfinished(big: Path, out: Path) -> Path:
+    """The reference job's folder as if it had stopped right before writing meta.json."""
     shutil.copytree(big / "reference", out)
     (out / "meta.json").unlink()
+    return out
+
+
+def test_resume_ignores_half_written_and_damaged_files(tmp_path, big, prepare_gpt2):
+    out = unfinished(big, tmp_path / "damaged")
     (out / "train_000005.bin").unlink()
     corrupt(out / "train_000002.bin", "truncated body")
-    (out / "train_000007.bin.tmp").write_bytes(b"half a shard")
+    (out / "train_000007.bin.tmp-12345").write_bytes(b"half a shard")
     prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
     assert shard_bytes(out) == shard_bytes(big / "reference")
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
 
 def test_finished_job_is_not_redone_and_other_settings_need_overwrite(tmp_path, big, prepare_gpt2, gpt2_tiktoken):
     out = tmp_path / "done"
     shutil.copytree(big / "reference", out)
     argv = ["--input", big / "part*.jsonl", "--out", out, "--tokenizer", gpt2_tiktoken]
-    result = run_cli(*argv, *RUN)
+    result = run_cli("prepare_data.py", *argv, *RUN)
     assert result.returncode == 0 and "nothing to do" in result.stdout
-    result = run_cli(*argv, "--shard-size", 100_000, "--val-tokens", 30_000)
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert_one_line_error(run_cli("prepare_data.py", *argv, "--shard-size", 100_000, "--val-tokens", 30_000),
+                          "--overwrite")
     meta = prepare_gpt2(out, "--input", big / "part*.jsonl", "--shard-size", 100_000, "--val-tokens", 30_000,
                    "--overwrite")
     assert len(shard_bytes(out)) == meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"]
@@ -489,9 +451,7 @@ def test_finished_job_is_not_redone_and_other_settings_need_overwrite(tmp_path, 
 
 
 def test_unfinished_job_with_other_settings_needs_overwrite(tmp_path, big, prepare_gpt2):
-    out = tmp_path / "unfinished"
-    shutil.copytree(big / "reference", out)
-    (out / "meta.json").unlink()
+    out = unfinished(big, tmp_path / "unfinished")
     (out / "job.json").write_text(json.dumps({"source": "custom", "shard_size": 1}))
     with pytest.raises(UserError, match="unfinished job with other settings"):
         prepare_gpt2(out, "--input", big / "part*.jsonl", *RUN)
@@ -545,9 +505,7 @@ def run_hub(tmp_path, gpt2_tiktoken, hub):
     Hub's address is read when huggingface_hub is imported, so this process cannot be pointed at it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # HF_HUB_OFFLINE, any token, ...
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
-    return lambda *argv: subprocess.run(
-        [sys.executable, "prepare_data.py", "--tokenizer", str(gpt2_tiktoken), "--workers", "1", *map(str, argv)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return lambda *argv: run_cli("prepare_data.py", "--tokenizer", gpt2_tiktoken, "--workers", 1, *argv, env=env)
 
 
 def test_hub_files_are_downloaded_tokenized_and_recorded(tmp_path, hub, run_hub, fineweb_files, fineweb_reference):
@@ -580,7 +538,7 @@ def test_failed_download_is_one_line_and_the_rerun_fetches_only_the_rest(tmp_pat
     hub.fail.add(paths[2])
     out = tmp_path / "out"
     result = run_hub("--out", out, *HUB_RUN)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert_one_line_error(result)
     assert re.fullmatch(rf"error: downloading {paths[2]} from {FINEWEB} failed \(.*500.*\); rerun the same "
                         rf"command: it goes on from the files already tokenized\n", result.stderr)
     assert hub.downloads() == paths[:3]
@@ -599,7 +557,7 @@ def test_failed_download_is_one_line_and_the_rerun_fetches_only_the_rest(tmp_pat
     assert not (out / "downloads").exists()
 
 
-def test_pinned_revision_is_read_and_recorded_with_its_commit(tmp_path, hub, run_hub, gpt2, fineweb_docs,
+def test_pinned_revision_is_read_and_recorded_with_its_commit(tmp_path, hub, run_hub, enc, fineweb_docs,
                                                               fineweb_files):
     paths = sorted(fineweb_files)
     old = hub.commit(FINEWEB, {path: fineweb_files[path] for path in paths[:2]}, refs=("v1.0",))
@@ -616,10 +574,10 @@ def test_pinned_revision_is_read_and_recorded_with_its_commit(tmp_path, hub, run
     assert meta["settings"]["hub_revision"] == "v1.0"
     assert (meta["provenance"]["revision"], meta["provenance"]["commit"]) == ("v1.0", old)
     assert [f["path"] for f in meta["provenance"]["files"]] == paths[:2]
-    assert np.array_equal(all_tokens(out), expected_tokens(gpt2, fineweb_docs[paths[0]] + fineweb_docs[paths[1]]))
+    assert np.array_equal(all_tokens(out), expected_tokens(enc, fineweb_docs[paths[0]] + fineweb_docs[paths[1]]))
 
 
-def test_bookcorpus_reads_the_hubs_parquet_export(tmp_path, hub, run_hub, gpt2):
+def test_bookcorpus_reads_the_hubs_parquet_export(tmp_path, hub, run_hub, enc):
     sentences = [f"sentence {i} of the book ." for i in range(prepare_data.BOOKCORPUS_SENTENCES_PER_DOC + 5)]
     hub.commit("bookcorpus/bookcorpus", {"bookcorpus.py": b"# a loading script"})  # main
     export = hub.commit("bookcorpus/bookcorpus", {"plain_text/train/0000.parquet": parquet_bytes(sentences)},
@@ -630,21 +588,18 @@ def test_bookcorpus_reads_the_hubs_parquet_export(tmp_path, hub, run_hub, gpt2):
     assert (meta["provenance"]["revision"], meta["provenance"]["commit"]) == ("refs/convert/parquet", export)
     per_doc = prepare_data.BOOKCORPUS_SENTENCES_PER_DOC
     docs = [" ".join(sentences[:per_doc]), " ".join(sentences[per_doc:])]
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
 
     result = run_hub("--dataset", "bookcorpus", "--hub-path", "nobody/nothing", "--out", tmp_path / "none")
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert "cannot open dataset nobody/nothing at revision refs/convert/parquet" in result.stderr
+    assert_one_line_error(result, "cannot open dataset nobody/nothing at revision refs/convert/parquet")
 
 
 # -- the user's mistakes --
 
 def test_cli_user_error_is_one_line_and_exit_code_2(tmp_path):
-    result = run_cli("--input", tmp_path / "missing.jsonl", "--out", tmp_path / "out")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "missing.jsonl" in result.stderr
-    assert run_cli("--help").returncode == 0
+    result = run_cli("prepare_data.py", "--input", tmp_path / "missing.jsonl", "--out", tmp_path / "out")
+    assert_one_line_error(result, "missing.jsonl")
+    assert run_cli("prepare_data.py", "--help").returncode == 0
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -677,7 +632,7 @@ def test_missing_inputs_and_empty_sources(tmp_path, prepare_gpt2):
         prepare_gpt2(tmp_path / "out2", "--input", tmp_path / "junk.parquet")
 
 
-def test_invalid_utf8_is_replaced_and_counted(tmp_path, gpt2, prepare_gpt2, capsys):
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc, prepare_gpt2, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_bytes(b"caf\xe9 au lait")
@@ -686,17 +641,17 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, gpt2, prepare_gpt2, caps
     assert meta["invalid_utf8_documents"] == 2
     assert "warning: 2 documents had invalid UTF-8" in capsys.readouterr().err
     docs = ["caf\ufffd au lait", "fine", "bad \ufffd byte"]
-    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(gpt2, docs))
+    assert np.array_equal(all_tokens(tmp_path / "out"), expected_tokens(enc, docs))
 
 
 def test_everything_in_val_is_an_error(tmp_path, prepare_gpt2):
-    write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    write_jsonl(tmp_path / "c.jsonl", make_docs(5), text=True)
     with pytest.raises(UserError, match="went to the val split; lower --val-tokens"):
         prepare_gpt2(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--val-tokens", 10**9)
 
 
 def test_vocab_beyond_uint16_is_refused(tmp_path):
-    write_jsonl(tmp_path / "c.jsonl", make_docs(5))
+    write_jsonl(tmp_path / "c.jsonl", make_docs(5), text=True)
     with pytest.raises(UserError, match="vocab size 70000"):
         prepare(tmp_path / "out", "--input", tmp_path / "c.jsonl", "--train-tokenizer", "--vocab-size", 70000)
     big_vocab = tmp_path / "big.tiktoken"

@@ -11,14 +11,9 @@ import export_hf
 import generate
 from config import TrainConfig
 from errors import UserError, run_main
+from helpers import hf_gpt2
 from model import GPT
 from tokenizer import load_tokenizer, train_tokenizer
-
-
-def hf_model(folder):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(folder).eval()
 
 
 @pytest.fixture
@@ -40,7 +35,7 @@ def test_export_opens_in_transformers_with_equal_logits(run, tmp_path):
     assert config["vocab_size"] == 300 and config["n_ctx"] == config["n_positions"] == 64
     assert config["eos_token_id"] == config["bos_token_id"] == 50256
     idx = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0))
-    theirs = hf_model(out)
+    theirs = hf_gpt2(out)
     assert (theirs(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
     again = GPT.from_pretrained(str(out)).eval()
     assert (again(idx)[0] - model(idx)[0]).abs().max().item() < 1e-5
@@ -128,7 +123,7 @@ def bpe_export(random_gpt, tmp_path):
 def test_model_card_names_the_runs_numbers(bpe_export):
     out, _ = bpe_export
     card = (out / "README.md").read_text()
-    params = sum(p.numel() for p in hf_model(out).parameters())
+    params = sum(p.numel() for p in hf_gpt2(out).parameters())
     for fact in ("2 layers, 4 heads, width 64, context 64", f"| parameters | {params:,} |", "| steps | 30 |",
                  "| tokens seen | 122,880 |", "| data | data/tt |", "4.2500 (step 20)", "0.3125 (step 20)",
                  "--total-batch-size 4096", "lm_eval --model hf"):
@@ -201,7 +196,7 @@ metric_list:
 
 
 def test_lm_eval_scores_an_export_on_a_local_task(bpe_export, tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the task's data and the model are both local

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,40 +23,13 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import dataloader
 import export_hf
+import markov
 import train
 from dataloader import read_shard, write_shard
 from errors import UserError, run_main
+from helpers import (TINY, Exploit, assert_one_line_error, corrupt, in_process, make_docs, read_log, run_cli,
+                     run_train, start_train, write_jsonl)
 from run_folder import CKPT_RE
-from tests.test_data import corrupt, make_docs, write_jsonl
-from tests.test_model import Exploit
-from tests.test_train import SMALL, make_markov_data, read_log, run_train
-
-ROOT = Path(__file__).resolve().parents[1]
-# A tiny run: 4 x 32 tokens a step, and no timed matmul at start-up to measure the peak FLOP/s (half a second).
-TINY = [*SMALL, "--batch-size", 4, "--total-batch-size", 128, "--peak-flops", 1e12]
-
-
-def assert_one_line_error(code: int, stderr: str, *needles: str):
-    """Exit code 2, exactly one line on stderr, no traceback, and each needle (the file, the fix) in the line."""
-    assert code == 2, stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert stderr.startswith("error: "), stderr
-    for needle in needles:
-        assert str(needle) in stderr, (needle, stderr)
-
-
-def in_process(monkeypatch, capsys, module, *argv) -> tuple[int, str]:
-    """module.main() as its CLI runs it (run_main, argv from sys.argv), without an interpreter start: (code, stderr).
-    Only for inputs that fail before training starts; an unexpected exception fails the test like a traceback."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(SystemExit) as e:
-            run_main(module.main)
-    finally:  # train.py installs its own handlers once it trains; pytest keeps its own
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return e.value.code, capsys.readouterr().err
 
 
 def complete_checkpoints(out: Path) -> list[str]:
@@ -71,7 +43,7 @@ def complete_checkpoints(out: Path) -> list[str]:
 
 
 def leftovers(out: Path) -> list[str]:
-    return sorted(n for n in os.listdir(out) if n.startswith(".ckpt_") or n.endswith(".tmp"))
+    return sorted(n for n in os.listdir(out) if n.startswith(".ckpt_") or ".tmp" in n)
 
 
 # ---- kill -9 while a checkpoint is being written ----
@@ -84,10 +56,10 @@ def files_in(folder: Path) -> list[str]:
         return []
 
 
-def kill_during_a_save(cmd, out: Path, timeout: float = 120):
-    """Run cmd; once a checkpoint is complete, SIGKILL it as soon as the next save has written a file into its
-    temporary folder. Returns that folder's name if it outlived the process (the kill hit the save), else None."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_during_a_save(out: Path, *flags, timeout: float = 120):
+    """Train into out; once a checkpoint is complete, SIGKILL it as soon as the next save has written a file into
+    its temporary folder. Returns that folder's name if it outlived the process (the kill hit the save), else None."""
+    proc = start_train(*flags, "--out-dir", out)
     caught, deadline = None, time.time() + timeout
     try:
         while caught is None and proc.poll() is None and time.time() < deadline:
@@ -105,16 +77,15 @@ def kill_during_a_save(cmd, out: Path, timeout: float = 120):
 
 
 @pytest.mark.slow
-def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+def test_kill_during_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path, markov_dir):
     # 1.6M parameters: a save writes ~20 MB (weights, Adam moments) and fsyncs them, a window of tens of ms.
-    common = [*TINY, "--n-head", 4, "--n-embd", 256, "--data-dir", tmp_path / "data", "--max-steps", 12,
+    common = [*TINY, "--n-head", 4, "--n-embd", 256, "--data-dir", markov_dir, "--max-steps", 12,
               "--checkpoint-interval", 3, "--keep-checkpoints", 2, "--dropout", 0.1]
     run_train(*common, "--out-dir", tmp_path / "full")
 
     for attempt in range(5):  # the poll can miss the window; a fresh run tries again
         out = tmp_path / f"killed{attempt}"
-        caught = kill_during_a_save([sys.executable, "train.py", *map(str, common), "--out-dir", str(out)], out)
+        caught = kill_during_a_save(out, *common)
         if caught:
             break
     else:
@@ -160,13 +131,12 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_while_training_saves_then_resume_after_making_room(tmp_path, tiny_disk):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+def test_full_disk_while_training_saves_then_resume_after_making_room(tmp_path, tiny_disk, markov_dir):
     out = tiny_disk("4m") / "run"  # a checkpoint here is about 1.2 MB; all are kept, so the fourth cannot fit
-    common = [*TINY, "--data-dir", tmp_path / "data", "--out-dir", out, "--max-steps", 8,
+    common = [*TINY, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
               "--checkpoint-interval", 1, "--keep-checkpoints", 0, "--log-interval", 100]
     result = run_train(*common, check=False)
-    assert_one_line_error(result.returncode, result.stderr, "cannot write checkpoint", "No space left on device",
+    assert_one_line_error(result, "cannot write checkpoint", "No space left on device",
                           out, "--out-dir")
     found = complete_checkpoints(out)
     assert 1 <= len(found) < 8 and leftovers(out) == []
@@ -179,11 +149,10 @@ def test_full_disk_while_training_saves_then_resume_after_making_room(tmp_path, 
 
 @pytest.mark.slow
 def test_full_disk_while_writing_shards_then_rerun_completes(tmp_path, tiny_disk, gpt2_tiktoken):
-    write_jsonl(tmp_path / "docs.jsonl", make_docs(600, seed=5, max_words=120))
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(600, seed=5, max_words=120), text=True)
     argv = ["--input", tmp_path / "docs.jsonl", "--tokenizer", gpt2_tiktoken, "--shard-size", 10_000,
             "--val-tokens", 2_000, "--workers", 1]
-    prepare = lambda out: subprocess.run([sys.executable, "prepare_data.py", *map(str, argv), "--out", str(out)],
-                                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    prepare = lambda out: run_cli("prepare_data.py", *argv, "--out", out)
     assert prepare(tmp_path / "reference").returncode == 0
     reference = {p.name: p.read_bytes() for p in (tmp_path / "reference").glob("*.bin")}
     assert len(reference) >= 6
@@ -192,12 +161,12 @@ def test_full_disk_while_writing_shards_then_rerun_completes(tmp_path, tiny_disk
     tokenizer_bytes = sum(p.stat().st_size for p in (tmp_path / "reference").glob("tokenizer.*"))
     out = tiny_disk(f"{tokenizer_bytes // 1024 + 8 + 10 * len(reference)}k") / "data"
     result = prepare(out)
-    assert_one_line_error(result.returncode, result.stderr, "cannot write shard", out, "No space left on device",
+    assert_one_line_error(result, "cannot write shard", out, "No space left on device",
                           "rerun prepare_data.py")
     written = {p.name: p.read_bytes() for p in out.glob("*.bin")}
     assert 0 < len(written) < len(reference)
     assert all(reference[name] == data for name, data in written.items())  # the earlier shards are intact
-    assert not list(out.glob("*.tmp")) and not (out / "meta.json").exists()
+    assert not list(out.glob("*.tmp*")) and not (out / "meta.json").exists()
 
     tiny_disk.resize("16m")
     result = prepare(out)
@@ -272,8 +241,8 @@ def test_any_other_full_disk_write_is_one_line_too(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         run_main(lambda: full("out/meta.json"))
-    assert_one_line_error(e.value.code, capsys.readouterr().err, "No space left on device writing out/meta.json",
-                          "make room")
+    result = subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err)
+    assert_one_line_error(result, "No space left on device writing out/meta.json", "make room")
     with pytest.raises(IsADirectoryError):
         run_main(lambda: open(tmp_path, "w"))
 
@@ -284,21 +253,21 @@ def test_any_other_full_disk_write_is_one_line_too(tmp_path, capsys):
 @pytest.mark.parametrize("how, message", [("magic", "wrong magic"), ("version", "version 2"),
                                           ("truncated body", "truncated"), ("count disagrees", "header says")])
 def test_corrupt_shard_through_train_cli(tmp_path, monkeypatch, capsys, how, message):
-    make_markov_data(tmp_path / "data", n_train=5_000, n_val=2_000)
+    markov.write_data(tmp_path / "data", n_train=5_000, n_val=2_000)
     corrupt(tmp_path / "data" / "train_000000.bin", how)
-    code, err = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", tmp_path / "data",
-                           "--out-dir", tmp_path / "out", "--max-steps", 1)
-    assert_one_line_error(code, err, message, tmp_path / "data" / "train_000000.bin", "re-run prepare_data.py")
+    result = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out", "--max-steps", 1)
+    assert_one_line_error(result, message, tmp_path / "data" / "train_000000.bin", "re-run prepare_data.py")
 
 
 @pytest.mark.slow
 def test_token_ids_beyond_the_vocabulary_through_train_cli(tmp_path):
-    make_markov_data(tmp_path / "data", vocab=8, n_train=5_000, n_val=2_000)
+    markov.write_data(tmp_path / "data", vocab=8, n_train=5_000, n_val=2_000)
     meta = tmp_path / "data" / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "vocab_size": 5}))  # ids 5..7 do not fit
     result = run_train(*TINY, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--max-steps", 5,
                        check=False)
-    assert_one_line_error(result.returncode, result.stderr, ">= vocab size 5", "train_000000.bin",
+    assert_one_line_error(result, ">= vocab size 5", "train_000000.bin",
                           "prepared with a different tokenizer")
 
 
@@ -313,13 +282,12 @@ def test_token_ids_beyond_the_vocabulary_through_train_cli(tmp_path):
     (["--n-head", 3], "n_embd 64 is not a multiple of n_head 3"),
     (["--dropout", 1.5], "dropout must be in [0, 1)"),
 ])
-def test_bad_config_through_train_cli(tmp_path, monkeypatch, capsys, flags, message):
-    make_markov_data(tmp_path / "data", n_train=5_000, n_val=2_000)
+def test_bad_config_through_train_cli(tmp_path, markov_dir, monkeypatch, capsys, flags, message):
     flags = [str(tmp_path / f) if str(f).endswith(".json") else f for f in flags]
     (tmp_path / "{bad}.json").write_text('{"n_layer": 2,}')
-    code, err = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", tmp_path / "data",
-                           "--out-dir", tmp_path / "out", "--max-steps", 1, *flags)
-    assert_one_line_error(code, err, message)
+    result = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out",
+                        "--max-steps", 1, *flags)
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -328,9 +296,9 @@ def test_bad_config_through_train_cli(tmp_path, monkeypatch, capsys, flags, mess
 def test_unavailable_or_unknown_device(tmp_path, monkeypatch, capsys, script, device, message):
     import importlib
 
-    code, err = in_process(monkeypatch, capsys, importlib.import_module(script), "--device", device,
-                           "--checkpoint", tmp_path)
-    assert_one_line_error(code, err, message, "use --device cpu" if device == "cuda" else "use auto, cpu")
+    result = in_process(monkeypatch, capsys, importlib.import_module(script), "--device", device,
+                        "--checkpoint", tmp_path)
+    assert_one_line_error(result, message, "use --device cpu" if device == "cuda" else "use auto, cpu")
 
 
 def test_hellaswag_ending_longer_than_the_context_window(gpt2_tiktoken):
@@ -354,7 +322,7 @@ def test_hellaswag_ending_longer_than_the_context_window(gpt2_tiktoken):
 def trained(tmp_path_factory):
     """A run folder with one checkpoint (step 2) of the TINY model, and the data it was trained on."""
     root = tmp_path_factory.mktemp("trained")
-    make_markov_data(root / "data", n_train=5_000, n_val=2_000)
+    markov.write_data(root / "data", n_train=5_000, n_val=2_000)
     run_train(*TINY, "--data-dir", root / "data", "--out-dir", root / "run", "--max-steps", 2)
     assert checkpoint.list_checkpoints(str(root / "run"))[-1].endswith("ckpt_0000002")
     return root
@@ -386,9 +354,9 @@ def test_resume_from_a_bad_checkpoint_is_one_line(trained, tmp_path, monkeypatch
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
     damage(run / "ckpt_0000002", how)
-    code, err = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", trained / "data", "--out-dir", run,
-                           "--max-steps", 4, "--resume", *flags)
-    assert_one_line_error(code, err, message, run / "ckpt_0000002")
+    result = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", trained / "data", "--out-dir", run,
+                        "--max-steps", 4, "--resume", *flags)
+    assert_one_line_error(result, message, run / "ckpt_0000002")
 
 
 @pytest.mark.slow
@@ -400,7 +368,7 @@ def test_resume_never_unpickles_code(trained, tmp_path):
     torch.save({"step": Exploit(marker)}, run / "ckpt_0000002" / "state.pt")
     result = run_train(*TINY, "--data-dir", trained / "data", "--out-dir", run, "--max-steps", 4, "--resume",
                        check=False)
-    assert_one_line_error(result.returncode, result.stderr, "refusing", run / "ckpt_0000002" / "state.pt")
+    assert_one_line_error(result, "refusing", run / "ckpt_0000002" / "state.pt")
     assert not marker.exists()
 
 
@@ -411,8 +379,7 @@ def test_missing_or_empty_checkpoint_folder(tmp_path, monkeypatch, capsys, folde
         source.mkdir()
         with pytest.raises(UserError, match="no checkpoint in .*train one with train.py"):
             checkpoint.load_model(str(source))
-    code, err = in_process(monkeypatch, capsys, export_hf, source, tmp_path / "hf")
-    assert_one_line_error(code, err, source)
+    assert_one_line_error(in_process(monkeypatch, capsys, export_hf, source, tmp_path / "hf"), source)
     assert not (tmp_path / "hf").exists()
 
 
@@ -423,8 +390,7 @@ SCRIPTS = ["train", "prepare_data", "generate", "hellaswag", "export_hf", "plot"
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help(script):
-    result = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = run_cli(f"{script}.py", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
 
 
@@ -432,6 +398,6 @@ def test_every_script_answers_help(script):
 def test_every_script_refuses_an_unknown_option(script, monkeypatch, capsys):
     import importlib
 
-    code, err = in_process(monkeypatch, capsys, importlib.import_module(script), "--no-such-option")
+    result = in_process(monkeypatch, capsys, importlib.import_module(script), "--no-such-option")
     # argparse's own error is a usage line, then the error; train.py's is one line (test_train.py).
-    assert code == 2 and "error:" in err and "Traceback" not in err, err
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,45 +1,35 @@
 """--parallel fsdp on CPU ranks (gloo): the same training as DDP and accumulation, a sharded optimizer that
 resumes exactly on the same or another number of ranks, 1/world of the model state per rank, and consolidated
 weights that every script reads."""
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import checkpoint
-from tests.test_run_lifecycle import COMMON, cut_back_to
-from tests.test_train import ROOT, make_markov_data, read_log, run_train
+import markov
+from helpers import COMMON, assert_one_line_error, cut_back_to, read_log, run_train, start_train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("markov")
-    make_markov_data(folder, n_train=30_000, n_val=5_000)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, data):
+def fsdp_run(tmp_path_factory, markov_dir):
     """8 steps of FSDP on 2 ranks with 2 micro steps each (batch 2), checkpoints at 4 and 8, dropout on."""
     out = tmp_path_factory.mktemp("fsdp") / "out"
-    result = run_train(*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", out, "--max-steps", 8,
+    result = run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
                        "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp", "--eval-interval", 8,
                        "--eval-steps", 2, torchrun=2)
     return out, result.stdout
 
 
-def test_fsdp_equals_ddp_and_accumulation(tmp_path, data, fsdp_run):
+def test_fsdp_equals_ddp_and_accumulation(tmp_path, markov_dir, fsdp_run):
     out, _ = fsdp_run
-    flags = [*COMMON, "--batch-size", 2, "--data-dir", data, "--max-steps", 8, "--checkpoint-interval", 100]
+    flags = [*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--max-steps", 8, "--checkpoint-interval", 100]
     run_train(*flags, "--out-dir", tmp_path / "ddp", torchrun=2)
     run_train(*flags, "--batch-size", 4, "--out-dir", tmp_path / "single")  # 1 process, 2 micro steps of 4
     fsdp, ddp, single = (read_log(p, "loss") for p in (out, tmp_path / "ddp", tmp_path / "single"))
@@ -48,22 +38,23 @@ def test_fsdp_equals_ddp_and_accumulation(tmp_path, data, fsdp_run):
         assert abs(fsdp[step] - ddp[step]) < 1e-5 and abs(fsdp[step] - single[step]) < 1e-5, step
 
 
-def test_each_rank_holds_about_half_the_model_state(tmp_path, data, fsdp_run):
+def test_each_rank_holds_about_half_the_model_state(tmp_path, markov_dir, fsdp_run):
     _, fsdp_stdout = fsdp_run
-    ddp = run_train(*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", tmp_path / "ddp", "--max-steps", 1,
-                    torchrun=2).stdout
+    ddp = run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", tmp_path / "ddp",
+                    "--max-steps", 1, torchrun=2).stdout
     mb = [float(re.search(r"model state per rank ([\d.,]+) MB", s).group(1).replace(",", "")) for s in (fsdp_stdout, ddp)]
     assert 0.45 < mb[0] / mb[1] <= 0.55, mb
 
 
 @pytest.mark.parametrize("ranks, parallel", [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (0, "ddp")])
-def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4_or_without_sharding(tmp_path, data, fsdp_run, ranks, parallel):
+def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4_or_without_sharding(tmp_path, markov_dir, fsdp_run, ranks,
+                                                                          parallel):
     out, _ = fsdp_run
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
     cut_back_to(resumed, 4)
     # The same tokens per step on any number of ranks: 2 x 2 x 2 micro batches of 2, or 4 x 2 x 1.
-    run_train(*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", resumed, "--max-steps", 8,
+    run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", resumed, "--max-steps", 8,
               "--checkpoint-interval", 4, "--parallel", parallel, "--resume", torchrun=ranks)
     full, after = read_log(out, "loss"), read_log(resumed, "loss")
     assert sorted(after) == list(range(1, 9))
@@ -71,27 +62,25 @@ def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4_or_without_sharding(tmp_pat
         assert abs(after[step] - full[step]) < 1e-5, (ranks, step, after[step], full[step])
 
 
-def test_kill_9_and_resume_is_exact(tmp_path, data, fsdp_run):
+def test_kill_9_and_resume_is_exact(tmp_path, markov_dir, fsdp_run):
     full, _ = fsdp_run
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *map(str, [*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", out, "--max-steps", 8,
-                      "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp"])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
+                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp", torchrun=2)
     deadline = time.time() + 120
     while not (out / "ckpt_0000004").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
     proc.wait()
     assert not (out / "ckpt_0000008").exists(), "the run finished before it could be killed"
-    run_train(*COMMON, "--batch-size", 2, "--data-dir", data, "--out-dir", out, "--max-steps", 8,
+    run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
               "--checkpoint-interval", 4, "--parallel", "fsdp", "--resume", torchrun=2)
     after, before = read_log(out, "loss"), read_log(full, "loss")
     assert sorted(after) == list(range(1, 9))
     assert all(abs(after[s] - before[s]) < 1e-6 for s in after), (after, before)
 
 
-def test_consolidated_weights_give_the_sharded_models_logits(data, fsdp_run):
+def test_consolidated_weights_give_the_sharded_models_logits(markov_dir, fsdp_run):
     """model.safetensors of an FSDP checkpoint is the whole model: loaded plainly, it reproduces the validation
     loss the sharded model logged at the same step."""
     out, _ = fsdp_run
@@ -100,32 +89,30 @@ def test_consolidated_weights_give_the_sharded_models_logits(data, fsdp_run):
     from hooks import evaluate_loss
 
     # The run's evaluation: 2 ranks x 2 batches of 2 windows; here the same 8 windows as 2 batches of 4.
-    plain = evaluate_loss(model, DataLoader(data, "val", 4, 32), 2, torch.device("cpu"), torch.float32)
+    plain = evaluate_loss(model, DataLoader(markov_dir, "val", 4, 32), 2, torch.device("cpu"), torch.float32)
     assert abs(read_log(out, "val_loss")[8] - plain) < 1e-5
     assert sorted(p.name for p in (out / "ckpt_0000008").iterdir()) == [
         "config.json", "model.safetensors", "optimizer", "state.pt"]
 
 
-def test_resuming_a_ddp_checkpoint_with_fsdp_is_one_line(tmp_path, data):
+def test_resuming_a_ddp_checkpoint_with_fsdp_is_one_line(tmp_path, markov_dir):
     out = tmp_path / "out"
-    run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 2)
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 2, "--resume",
+    run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 2)
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 2, "--resume",
                        "--parallel", "fsdp", torchrun=1, check=False)
     assert result.returncode != 0 and "written by a --parallel ddp run" in result.stderr
 
 
-def test_fsdp_without_torchrun_is_one_line(tmp_path, data):
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", tmp_path / "out", "--max-steps", 2,
+def test_fsdp_without_torchrun_is_one_line(tmp_path, markov_dir):
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 2,
                        "--parallel", "fsdp", check=False)
-    assert result.returncode == 2 and "start it with torchrun" in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(result, "start it with torchrun")
 
 
 def test_fsdp_with_compiled_blocks_bf16_and_the_sample_hook(tmp_path, gpt2_tiktoken):
     """The CUDA default's CPU twin: compiled blocks, bf16 compute, and a sample generated by all ranks together
     (each forward of a sharded model is a collective) while only rank 0 prints it."""
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": str(gpt2_tiktoken)}))
+    markov.write_data(tmp_path / "data", n_train=20_000, n_val=5_000, tokenizer=str(gpt2_tiktoken))
     result = run_train(*COMMON, "--batch-size", 2, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out",
                        "--max-steps", 3, "--parallel", "fsdp", "--compile", "--dtype", "bfloat16",
                        "--sample-interval", 3, "--sample-prompt", "!", torchrun=2)
@@ -135,12 +122,12 @@ def test_fsdp_with_compiled_blocks_bf16_and_the_sample_hook(tmp_path, gpt2_tikto
     assert checkpoint.list_checkpoints(str(tmp_path / "out"))[-1].endswith("ckpt_0000003")
 
 
-def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(tmp_path, data):
+def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(tmp_path, markov_dir):
     """torch.optim.Muon runs on FSDP's sharded parameters (its Newton-Schulz matmuls gather what they need); the
     sharded momentum resumes exactly. Against DDP the losses differ only by the bf16 rounding of those matmuls
     over shards."""
     flags = [*COMMON, "--arch", "modern", "--no-tie-embeddings", "--optimizer", "muon", "--batch-size", 2,
-             "--data-dir", data, "--max-steps", 8, "--checkpoint-interval", 4]
+             "--data-dir", markov_dir, "--max-steps", 8, "--checkpoint-interval", 4]
     run_train(*flags, "--out-dir", tmp_path / "fsdp", "--parallel", "fsdp", torchrun=2)
     run_train(*flags, "--out-dir", tmp_path / "ddp", torchrun=2)
     shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")

@@ -1,17 +1,13 @@
 """generate.py: greedy decoding equals transformers' token for token, sampling options behave as documented,
 and the CLI streams whole characters and fails with one line."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import checkpoint
 import generate
-from errors import UserError, run_main
+from errors import UserError
+from helpers import assert_one_line_error, hf_gpt2, in_process, run_cli
 from model import GPT
-from tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +15,19 @@ def gpt2(hf_gpt2_dir):
     return GPT.from_pretrained(str(hf_gpt2_dir)).eval()
 
 
-@pytest.fixture(scope="module")
-def enc(gpt2_tiktoken):
-    return load_tokenizer(str(gpt2_tiktoken))
-
-
 def greedy_ids(model, ids, n, use_cache=True):
     steps = model.generate(torch.tensor([ids]), n, temperature=0, use_cache=use_cache)
     return [int(t) for t in steps]
+
+
+def transformers_greedy(theirs, ids, n) -> list[int]:
+    """The n tokens transformers' greedy search appends to ids, never stopping early."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = theirs.generate(torch.tensor([ids]), generation_config=config, attention_mask=torch.ones(1, len(ids),
+                                                                                                   dtype=torch.long))
+    return out[0, len(ids):].tolist()
 
 
 def sample(model, enc, seed=0, **kw):
@@ -35,16 +36,12 @@ def sample(model, enc, seed=0, **kw):
 
 
 def test_greedy_cache_no_cache_and_transformers_agree(gpt2, hf_gpt2_dir):
-    from transformers import GenerationConfig, GPT2LMHeadModel
-
-    theirs = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
-    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = hf_gpt2(hf_gpt2_dir)
     for prompt_len in (1, 7, 30):
         ids = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
-        expected = theirs.generate(torch.tensor([ids]), generation_config=config,
-                                   attention_mask=torch.ones(1, prompt_len, dtype=torch.long))[0, prompt_len:]
-        assert greedy_ids(gpt2, ids, 24) == expected.tolist()
-        assert greedy_ids(gpt2, ids, 24, use_cache=False) == expected.tolist()
+        expected = transformers_greedy(theirs, ids, 24)
+        assert greedy_ids(gpt2, ids, 24) == expected
+        assert greedy_ids(gpt2, ids, 24, use_cache=False) == expected
 
 
 def test_cache_equals_no_cache_past_block_size(random_gpt):
@@ -117,22 +114,16 @@ def test_stream_ends_an_unfinished_character_with_a_replacement(enc):
 
 
 @pytest.mark.parametrize("top_p", ["0", "1.5", "-1"])
-def test_top_p_outside_unit_interval_exits_2_with_one_line(top_p, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: generate.main(["--top-p", top_p]))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --top-p") and err.count("\n") == 1
+def test_top_p_outside_unit_interval_exits_2_with_one_line(top_p, monkeypatch, capsys):
+    assert_one_line_error(in_process(monkeypatch, capsys, generate, "--top-p", top_p), "error: --top-p")
 
 
-def test_greedy_flag_is_temperature_zero(hf_gpt2_dir, gpt2_tiktoken, gpt2, enc, capsys):
-    outputs = []
+def test_greedy_flag_and_temperature_zero_print_transformers_greedy_text(hf_gpt2_dir, gpt2_tiktoken, enc, capsys):
+    expected = "Hello" + enc.decode(transformers_greedy(hf_gpt2(hf_gpt2_dir), enc.encode("Hello"), 10)) + "\n"
     for flag in (["--greedy"], ["--temperature", "0", "--seed", "5"]):
         generate.main(["--init-from", str(hf_gpt2_dir), "--tokenizer", str(gpt2_tiktoken), "--prompt", "Hello",
                        "--max-new-tokens", "10", *flag])
-        outputs.append(capsys.readouterr().out)
-    greedy = generate.complete(gpt2, enc, "Hello", max_new_tokens=10, temperature=0)[0]
-    assert outputs[0] == outputs[1] == f"Hello{greedy}\n"
+        assert capsys.readouterr().out == expected, flag
 
 
 def test_checkpoint_run_folder_with_its_own_tokenizer(random_gpt, gpt2_tiktoken, tmp_path, capsys):
@@ -148,14 +139,9 @@ def test_tokenizer_not_matching_the_model_is_a_user_error(random_gpt, gpt2_tikto
         generate.main(["--checkpoint", str(tmp_path), "--tokenizer", str(gpt2_tiktoken)])
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_streams_samples_from_a_hugging_face_folder(hf_gpt2_dir, gpt2_tiktoken):
-    result = run_cli("--init-from", str(hf_gpt2_dir), "--tokenizer", str(gpt2_tiktoken), "--prompt", "Once upon",
-                     "--num-samples", "2", "--max-new-tokens", "8")
+    result = run_cli("generate.py", "--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--prompt",
+                     "Once upon", "--num-samples", 2, "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Once upon")
     first, second = result.stdout.split("\n" + generate.RULE + "\n")
@@ -163,7 +149,4 @@ def test_cli_streams_samples_from_a_hugging_face_folder(hf_gpt2_dir, gpt2_tiktok
 
 
 def test_cli_without_a_checkpoint_exits_2_with_one_line(tmp_path):
-    result = run_cli("--checkpoint", str(tmp_path / "missing"))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.startswith("error: no checkpoint")
-    assert result.stderr.count("\n") == 1
+    assert_one_line_error(run_cli("generate.py", "--checkpoint", tmp_path / "missing"), "error: no checkpoint")

@@ -2,8 +2,6 @@
 import gzip
 import http.server
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -12,58 +10,64 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import export_hf
 import hellaswag
-import tokenizer
 from config import GPTConfig
 from errors import UserError
+from helpers import TORCHRUN, assert_one_line_error, hf_gpt2, perturb, run_cli, shared_data, write_jsonl
 from model import GPT
-from tests.conftest import perturb
 
-REPO = Path(__file__).resolve().parents[1]
-HELLASWAG = REPO.parent / "shared" / "data" / "hellaswag_val.jsonl.gz"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def enc(gpt2_tiktoken):
-    return tokenizer.load_tokenizer(str(gpt2_tiktoken))
+def hellaswag_file() -> Path:
+    return shared_data("hellaswag_val.jsonl.gz")
 
 
 @pytest.fixture(scope="module")
-def real_examples():
-    if not HELLASWAG.is_file():
-        pytest.skip(f"{HELLASWAG} is absent (it lives next to the repo, not in a fresh clone)")
-    return hellaswag.load_examples(str(HELLASWAG), limit=40)
+def real_examples(hellaswag_file, enc):
+    """The first 40 validation examples. Each fits the test models' 128 positions whole, so that the reference
+    below need not cut contexts."""
+    examples = hellaswag.load_examples(str(hellaswag_file), limit=40)
+    assert all(len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) <= 128
+               for ex in examples)
+    return examples
 
 
 def example(ctx="A man is sitting on a roof. he", endings=("a", "b", "c", "d"), label=0) -> dict:
     return {"ctx": ctx, "endings": list(endings), "label": label}
 
 
-def write_jsonl(path: Path, lines) -> str:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return str(path)
+@torch.no_grad()
+def reference_losses(theirs, enc, examples):
+    """Summed loss and token count of each candidate ending, (N, 4) each, from one forward of a transformers
+    model over context + ending per candidate."""
+    losses, counts = torch.zeros(len(examples), 4), torch.zeros(len(examples), 4)
+    for i, ex in enumerate(examples):
+        ctx = enc.encode(ex["ctx"])
+        for k, ending in enumerate(ex["endings"]):
+            end = enc.encode(" " + ending)
+            logits = theirs(torch.tensor([ctx + end])).logits[0, len(ctx) - 1:-1]
+            losses[i, k] = F.cross_entropy(logits.float(), torch.tensor(end), reduction="sum")
+            counts[i, k] = len(end)
+    return losses, counts
+
+
+def reference_result(theirs, enc, examples) -> dict:
+    """The scores as llm.c and build-nanogpt define them: acc picks the ending of lowest total loss, acc_norm the
+    lowest mean loss per token."""
+    losses, counts = reference_losses(theirs, enc, examples)
+    labels = torch.tensor([ex["label"] for ex in examples])
+    right = lambda picked: (picked == labels).sum().item() / len(examples)
+    return {"acc": right(losses.argmin(1)), "acc_norm": right((losses / counts).argmin(1)), "n": len(examples)}
 
 
 def test_matches_transformers_candidate_by_candidate(hf_gpt2_dir, enc, real_examples):
-    from transformers import GPT2LMHeadModel
-
-    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
     ours, _ = checkpoint.load_model(str(hf_gpt2_dir))
-    # Rows that fit the small model's 128 positions whole, so no context is cut and the reference stays plain.
-    fits = [ex for ex in real_examples
-            if len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) <= 128]
-    assert len(fits) >= 30
-    losses, counts = hellaswag.score(ours, enc, fits, CPU, torch.float32, batch_size=3)  # 3: rows of mixed length
-    want = torch.zeros(len(fits), 4)
-    with torch.no_grad():
-        for i, ex in enumerate(fits):
-            ctx = enc.encode(ex["ctx"])
-            for k, ending in enumerate(ex["endings"]):
-                end = enc.encode(" " + ending)
-                logits = hf(torch.tensor([ctx + end])).logits[0, len(ctx) - 1:-1]
-                want[i, k] = F.cross_entropy(logits, torch.tensor(end), reduction="sum")
-                assert counts[i, k] == len(end)
+    losses, counts = hellaswag.score(ours, enc, real_examples, CPU, torch.float32, batch_size=3)  # mixed lengths
+    want, want_counts = reference_losses(hf_gpt2(hf_gpt2_dir), enc, real_examples)
+    assert torch.equal(counts, want_counts)
     torch.testing.assert_close(losses, want, atol=1e-4, rtol=0)
     assert torch.equal(losses.argmin(1), want.argmin(1))
     assert torch.equal((losses / counts).argmin(1), (want / counts).argmin(1))
@@ -130,10 +134,8 @@ def test_load_examples_gz_plain_and_limit(tmp_path):
     assert hellaswag.load_examples(str(packed), limit=3) == want[:3]
 
 
-def test_the_real_file_has_all_validation_examples():
-    if not HELLASWAG.is_file():
-        pytest.skip(f"{HELLASWAG} is absent")
-    examples = hellaswag.load_examples(str(HELLASWAG))
+def test_the_real_file_has_all_validation_examples(hellaswag_file):
+    examples = hellaswag.load_examples(str(hellaswag_file))
     assert len(examples) == 10042 and examples[0]["label"] == 3
 
 
@@ -202,30 +204,32 @@ def test_body_cut_short_over_http_leaves_nothing(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def run_cli(*args, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, str(REPO / "hellaswag.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-
-
-def test_cli_writes_json_and_respects_limit(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
+def test_cli_writes_json_and_respects_limit(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, hellaswag_file,
+                                            real_examples):
     out = tmp_path / "sub" / "result.json"
-    proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 6,
-                   "--device", "cpu", "--dtype", "float32", "--out", out)
+    proc = run_cli("hellaswag.py", "--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data",
+                   hellaswag_file, "--limit", 6, "--device", "cpu", "--dtype", "float32", "--out", out)
     assert proc.returncode == 0, proc.stderr
-    assert "n 6 | acc" in proc.stdout and "examples/s" in proc.stdout
-    model, _ = checkpoint.load_model(str(hf_gpt2_dir))
-    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:6], CPU, torch.float32)
+    result = json.loads(out.read_text())
+    assert result == reference_result(hf_gpt2(hf_gpt2_dir), enc, real_examples[:6])
+    assert f"n 6 | acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} |" in proc.stdout
+    assert "examples/s" in proc.stdout
 
 
-def test_cli_scores_a_modern_checkpoint(tmp_path, gpt2_tiktoken, enc, real_examples):
+def test_cli_scores_a_modern_checkpoint_as_transformers_scores_its_qwen3_export(tmp_path, gpt2_tiktoken, enc,
+                                                                                 hellaswag_file, real_examples):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     model = perturb(GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=128)))
-    checkpoint.save_checkpoint(str(tmp_path / "run"), 1, model, str(gpt2_tiktoken))
+    ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, model, str(gpt2_tiktoken))
     out = tmp_path / "result.json"
-    proc = run_cli("--checkpoint", tmp_path / "run", "--data", HELLASWAG, "--limit", 6, "--device", "cpu",
-                   "--dtype", "float32", "--out", out)
+    proc = run_cli("hellaswag.py", "--checkpoint", tmp_path / "run", "--data", hellaswag_file, "--limit", 6,
+                   "--device", "cpu", "--dtype", "float32", "--out", out)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:6], CPU, torch.float32)
+    export_hf.export(ckpt, str(tmp_path / "hf"))
+    qwen3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert json.loads(out.read_text()) == reference_result(qwen3, enc, real_examples[:6])
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -236,28 +240,26 @@ def test_cli_scores_a_modern_checkpoint(tmp_path, gpt2_tiktoken, enc, real_examp
 ])
 def test_cli_user_errors_are_one_line(tmp_path, make_args, message):
     good_data = write_jsonl(tmp_path / "good.jsonl", [example()])
-    proc = run_cli("--data", good_data, "--device", "cpu", *make_args(tmp_path))
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_cli("hellaswag.py", "--data", good_data, "--device", "cpu", *make_args(tmp_path)),
+                          message)
 
 
 @pytest.mark.slow
-def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, real_examples):
+def test_two_processes_count_like_one(tmp_path, hf_gpt2_dir, gpt2_tiktoken, enc, hellaswag_file, real_examples):
     out = tmp_path / "ddp.json"
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     # 11 examples, so the two processes' slices differ in size.
-    proc = run_cli("--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data", HELLASWAG, "--limit", 11,
-                   "--device", "cpu", "--dtype", "float32", "--out", out, launcher=launcher)
+    proc = run_cli("hellaswag.py", "--init-from", hf_gpt2_dir, "--tokenizer", gpt2_tiktoken, "--data",
+                   hellaswag_file, "--limit", 11, "--device", "cpu", "--dtype", "float32", "--out", out,
+                   launcher=(*TORCHRUN, "--nproc_per_node=2"))
     assert proc.returncode == 0, proc.stderr
-    model, _ = checkpoint.load_model(str(hf_gpt2_dir))
-    assert json.loads(out.read_text()) == hellaswag.evaluate(model, enc, real_examples[:11], CPU, torch.float32)
+    assert json.loads(out.read_text()) == reference_result(hf_gpt2(hf_gpt2_dir), enc, real_examples[:11])
 
 
-def test_init_from_takes_the_canonical_hub_name(tmp_path, monkeypatch):
+def test_init_from_takes_the_canonical_hub_name(tmp_path, monkeypatch, hellaswag_file):
     # offline, an accepted name gets as far as the download; a refused one would say "neither a folder"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    proc = run_cli("--init-from", "openai-community/gpt2-medium", "--data", HELLASWAG, "--limit", 1, "--device", "cpu")
+    proc = run_cli("hellaswag.py", "--init-from", "openai-community/gpt2-medium", "--data", hellaswag_file, "--limit",
+                   1, "--device", "cpu")
     assert proc.returncode != 0 and "cannot download gpt2-medium from the Hugging Face hub" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,15 +1,13 @@
 """plot.py: log.jsonl in, a PNG out; bad input is one line and exit code 2."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import plot
 from errors import UserError
+from helpers import assert_one_line_error, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -27,29 +25,14 @@ def write_log(folder: Path, steps=range(10, 101, 10), eval_every=50, hellaswag=F
     return path
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "plot.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-
-
 def assert_png(path: Path):
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
 
 
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0]
-
-
 def test_cli_writes_png_beside_log(tmp_path):
-    pytest.importorskip("matplotlib")
     write_log(tmp_path, hellaswag=True)
-    result = run_cli(tmp_path)
+    result = run_cli("plot.py", tmp_path)
     assert result.returncode == 0, result.stderr
     assert_png(tmp_path / "loss.png")
     assert str(tmp_path / "loss.png") in result.stdout
@@ -57,7 +40,6 @@ def test_cli_writes_png_beside_log(tmp_path):
 
 
 def test_log_file_and_out_flag(tmp_path):
-    pytest.importorskip("matplotlib")
     log = write_log(tmp_path)
     out = tmp_path / "plots" / "curve.png"  # a folder that does not exist yet
     plot.main([str(log), "--out", str(out)])
@@ -68,7 +50,6 @@ def test_log_file_and_out_flag(tmp_path):
 
 def test_val_only_and_partial_last_line(tmp_path):
     """An evaluation-only log plots; a last line still being written (no newline) is skipped."""
-    pytest.importorskip("matplotlib")
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 5, "val_loss": 3.0}) + "\n" + '{"step": 6, "lo')
     plot.main([str(tmp_path)])
     assert_png(tmp_path / "loss.png")
@@ -105,9 +86,9 @@ def test_bad_logs_are_one_line(tmp_path, content, words):
 
 
 def test_cli_bad_input_exit_2(tmp_path):
-    assert_one_line_error(run_cli(tmp_path / "missing.jsonl"), "no such file")
+    assert_one_line_error(run_cli("plot.py", tmp_path / "missing.jsonl"), "no such file")
     (tmp_path / "log.jsonl").write_text("{oops\n")
-    assert_one_line_error(run_cli(tmp_path), "log.jsonl:1")
+    assert_one_line_error(run_cli("plot.py", tmp_path), "log.jsonl:1")
     assert not (tmp_path / "loss.png").exists()
 
 
@@ -115,11 +96,9 @@ def test_missing_matplotlib_says_how(tmp_path):
     write_log(tmp_path)
     code = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', sys.argv[1]]; "
             "runpy.run_path('plot.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
-    assert_one_line_error(result, "pip install matplotlib")
+    assert_one_line_error(run_cli("-c", code, tmp_path), "pip install matplotlib")
 
 
 def test_help():
-    result = run_cli("--help")
+    result = run_cli("plot.py", "--help")
     assert result.returncode == 0 and "--out" in result.stdout

@@ -1,6 +1,5 @@
 """A long run survives what clusters do to it: offline nodes, reused folders, cut-off logs, changed flags,
 failing hooks, node-local folders and a second job on the same folder. Each case runs train.py for real."""
-import json
 import os
 import shutil
 import signal
@@ -13,43 +12,19 @@ from pathlib import Path
 import pytest
 
 import checkpoint
+import markov
+from helpers import COMMON, REPO, assert_one_line_error, cut_back_to, read_log, run_train, start_train
 from run_folder import find_checkpoint
-from tests.test_train import ROOT, SMALL, make_markov_data, read_log, run_train
-
-COMMON = [*SMALL, "--batch-size", 4, "--total-batch-size", 4 * 32 * 2]  # 2 micro steps of 4 x 32
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("markov")
-    make_markov_data(folder, n_train=30_000, n_val=5_000)
-    return folder
-
-
-def one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for needle in needles:
-        assert str(needle) in result.stderr, (needle, result.stderr)
 
 
 def steps_of(out: Path) -> list[int]:
     return [checkpoint.load_train_state(p)["step"] for p in checkpoint.list_checkpoints(str(out))]
 
 
-def cut_back_to(out: Path, step: int):
-    """A run killed right after saving ckpt_<step>: the later checkpoints never happened."""
-    for path in checkpoint.list_checkpoints(str(out)):
-        if checkpoint.load_train_state(path)["step"] > step:
-            shutil.rmtree(path)
-
-
 # ---- 1. an offline node: HellaSwag is resolved before step 1 and turned off, training goes on
 
 def test_offline_hellaswag_turns_the_hook_off_before_step_1(tmp_path, gpt2_tiktoken):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": str(gpt2_tiktoken)}))
+    markov.write_data(tmp_path / "data", n_train=20_000, n_val=5_000, tokenizer=str(gpt2_tiktoken))
     # No cached file (a fresh HOME) and every download through a proxy address that nothing answers.
     env = {**os.environ, "HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = run_train(*COMMON, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--max-steps", 6,
@@ -62,7 +37,7 @@ def test_offline_hellaswag_turns_the_hook_off_before_step_1(tmp_path, gpt2_tikto
 # ---- a hook that fails never costs progress
 
 def test_a_failing_hook_saves_the_step_it_ran_after(tmp_path):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+    markov.write_data(tmp_path / "data", n_train=20_000, n_val=5_000)
     # The val split holds a token beyond the vocabulary: the first evaluation (step 3) fails on it.
     val = tmp_path / "data" / "val_000000.bin"
     from dataloader import read_shard, write_shard
@@ -72,23 +47,23 @@ def test_a_failing_hook_saves_the_step_it_ran_after(tmp_path):
     write_shard(str(val), tokens)
     result = run_train(*COMMON, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--max-steps", 10,
                        "--eval-interval", 3, "--checkpoint-interval", 100, check=False)
-    one_line_error(result, "token id 99 >= vocab size 8")
+    assert_one_line_error(result, "token id 99 >= vocab size 8")
     assert "a hook failed after step 3: saved" in result.stdout
     assert steps_of(tmp_path / "out") == [3]
 
 
 # ---- 2. a fresh run into a folder that holds an older run
 
-def test_a_fresh_run_never_writes_over_an_older_one(tmp_path, data):
+def test_a_fresh_run_never_writes_over_an_older_one(tmp_path, markov_dir):
     out = tmp_path / "out"
-    run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 4, "--checkpoint-interval", 2)
+    run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 4, "--checkpoint-interval", 2)
     before = sorted(os.listdir(out))
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 4, check=False)
-    one_line_error(result, "holds an earlier run", "--resume", "--overwrite")
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 4, check=False)
+    assert_one_line_error(result, "holds an earlier run", "--resume", "--overwrite")
     assert sorted(os.listdir(out)) == before and steps_of(out) == [2, 4]
 
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 3, "--checkpoint-interval", 3,
-                       "--overwrite", "--seed", 7)
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 3,
+                       "--checkpoint-interval", 3, "--overwrite", "--seed", 7)
     assert "--overwrite: deleted the earlier run" in result.stdout
     assert steps_of(out) == [3] and sorted(read_log(out, "loss")) == [1, 2, 3]
     assert checkpoint.load_train_state(checkpoint.list_checkpoints(str(out))[-1])["train_config"]["seed"] == 7
@@ -96,13 +71,13 @@ def test_a_fresh_run_never_writes_over_an_older_one(tmp_path, data):
 
 # ---- 3. a log whose last line was cut short
 
-def test_resume_after_a_cut_off_log_line(tmp_path, data):
+def test_resume_after_a_cut_off_log_line(tmp_path, markov_dir):
     out = tmp_path / "out"
-    run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 4, "--checkpoint-interval", 2)
+    run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 4, "--checkpoint-interval", 2)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 5, "lo')
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 6, "--checkpoint-interval", 2,
-                       "--resume", "--allow-lr-change")
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 6,
+                       "--checkpoint-interval", 2, "--resume", "--allow-lr-change")
     assert "last line of" in result.stdout and "cut short" in result.stdout
     assert sorted(read_log(out, "loss")) == list(range(1, 7))
 
@@ -110,10 +85,19 @@ def test_resume_after_a_cut_off_log_line(tmp_path, data):
 # ---- 4. resume with another batch size or process count continues at the same token
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data) -> Path:
+def uninterrupted(tmp_path_factory, markov_dir) -> Path:
     out = tmp_path_factory.mktemp("full") / "out"
-    run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 8, "--checkpoint-interval", 4,
+    run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8, "--checkpoint-interval", 4,
               "--keep-checkpoints", 0)
+    return out
+
+
+@pytest.fixture
+def resumable(tmp_path, uninterrupted) -> Path:
+    """A copy of the uninterrupted run as if killed after its checkpoint at step 4."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    cut_back_to(out, 4)
     return out
 
 
@@ -121,11 +105,9 @@ def uninterrupted(tmp_path_factory, data) -> Path:
     (["--batch-size", 2], 0),  # the usual answer to running out of memory: half the micro batch, twice the steps
     (["--batch-size", 4], 2),  # the same tokens per step on two processes instead of one
 ])
-def test_resume_with_another_batch_or_world_size_is_exact(tmp_path, data, uninterrupted, flags, torchrun):
-    out = tmp_path / "out"
-    shutil.copytree(uninterrupted, out)
-    cut_back_to(out, 4)
-    run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 8, "--checkpoint-interval", 4,
+def test_resume_with_another_batch_or_world_size_is_exact(markov_dir, uninterrupted, resumable, flags, torchrun):
+    out = resumable
+    run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8, "--checkpoint-interval", 4,
               "--resume", *flags, torchrun=torchrun)
     full, resumed = read_log(uninterrupted, "loss"), read_log(out, "loss")
     assert sorted(resumed) == sorted(full) == list(range(1, 9))
@@ -140,41 +122,37 @@ def test_resume_with_another_batch_or_world_size_is_exact(tmp_path, data, uninte
     (["--learning-rate", 1e-3], "would jump from"),
     (["--vocab-size", 50257], "--vocab-size 50257 disagrees with the data's tokenizer (8 tokens"),
 ])
-def test_resume_refuses_flags_that_change_the_run(tmp_path, data, uninterrupted, flags, message):
-    out = tmp_path / "out"
-    shutil.copytree(uninterrupted, out)
-    cut_back_to(out, 4)
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 8, "--resume", *flags,
+def test_resume_refuses_flags_that_change_the_run(markov_dir, resumable, flags, message):
+    out = resumable
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8, "--resume", *flags,
                        check=False)
-    one_line_error(result, message)
+    assert_one_line_error(result, message)
     assert steps_of(out) == [4]
 
 
-def test_resume_on_moved_data_works_and_other_data_is_refused(tmp_path, data, uninterrupted):
-    out = tmp_path / "out"
-    shutil.copytree(uninterrupted, out)
-    cut_back_to(out, 4)
-    shutil.copytree(data, tmp_path / "moved")
-    make_markov_data(tmp_path / "other", n_train=31_000, n_val=5_000)
+def test_resume_on_moved_data_works_and_other_data_is_refused(tmp_path, markov_dir, uninterrupted, resumable):
+    out = resumable
+    shutil.copytree(markov_dir, tmp_path / "moved")
+    markov.write_data(tmp_path / "other", n_train=31_000, n_val=5_000)
     result = run_train(*COMMON, "--data-dir", tmp_path / "other", "--out-dir", out, "--max-steps", 8, "--resume",
                        check=False)
-    one_line_error(result, "is not the data", "--data-dir")
+    assert_one_line_error(result, "is not the data", "--data-dir")
     run_train(*COMMON, "--data-dir", tmp_path / "moved", "--out-dir", out, "--max-steps", 8, "--resume")
     assert read_log(out, "loss") == read_log(uninterrupted, "loss")
 
 
 # ---- 5. a longer run: cosine cannot be extended, wsd extends from before its decay
 
-def test_extending_a_cosine_run_is_an_error_that_points_to_wsd(tmp_path, data, uninterrupted):
+def test_extending_a_cosine_run_is_an_error_that_points_to_wsd(tmp_path, markov_dir, uninterrupted):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    result = run_train(*COMMON, "--data-dir", data, "--out-dir", out, "--max-steps", 16, "--resume", check=False)
-    one_line_error(result, "would jump", "max_steps 8 -> 16", "--lr-schedule wsd")
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 16, "--resume", check=False)
+    assert_one_line_error(result, "would jump", "max_steps 8 -> 16", "--lr-schedule wsd")
 
 
-def test_a_wsd_run_extends_from_the_start_of_its_decay_without_a_jump(tmp_path, data):
+def test_a_wsd_run_extends_from_the_start_of_its_decay_without_a_jump(tmp_path, markov_dir):
     out = tmp_path / "out"
-    wsd = [*COMMON, "--data-dir", data, "--out-dir", out, "--lr-schedule", "wsd", "--decay-fraction", 0.25,
+    wsd = [*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--lr-schedule", "wsd", "--decay-fraction", 0.25,
            "--warmup-steps", 2, "--checkpoint-interval", 2, "--keep-checkpoints", 1]
     run_train(*wsd, "--max-steps", 8)
     assert steps_of(out) == [6, 8]  # the decay starts at step 6: that checkpoint is kept
@@ -183,7 +161,7 @@ def test_a_wsd_run_extends_from_the_start_of_its_decay_without_a_jump(tmp_path, 
     assert old_lr[7] == old_lr[3] == pytest.approx(3e-3) and old_lr[8] == pytest.approx((3e-3 + 3e-4) / 2)
 
     result = run_train(*wsd, "--max-steps", 16, "--resume", check=False)  # the newest is past the decay
-    one_line_error(result, "would jump", "decay began (step 6)", "--resume-step")
+    assert_one_line_error(result, "would jump", "decay began (step 6)", "--resume-step")
 
     result = run_train(*wsd, "--max-steps", 16, "--resume", "--resume-step", 6)
     assert "moved the 1 later checkpoint(s)" in result.stdout
@@ -202,7 +180,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_nodes(tmp_path, data, *flags):
+def run_two_nodes(tmp_path, markov_dir, *flags):
     """torchrun --nnodes=2 with one process each, each node in its own folder: --out-dir run is node-local."""
     port = free_port()
     procs = []
@@ -210,19 +188,19 @@ def run_two_nodes(tmp_path, data, *flags):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "train.py"),
-               *map(str, COMMON), "--data-dir", data, "--out-dir", "run", *map(str, flags)]
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train.py"),
+               *map(str, COMMON), "--data-dir", markov_dir, "--out-dir", "run", *map(str, flags)]
         procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))
     return [(p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
-def test_two_nodes_with_node_local_out_dirs_stop_with_one_line(tmp_path, data):
-    results = run_two_nodes(tmp_path, data, "--max-steps", 4, "--checkpoint-interval", 2)
+def test_two_nodes_with_node_local_out_dirs_stop_with_one_line(tmp_path, markov_dir):
+    results = run_two_nodes(tmp_path, markov_dir, "--max-steps", 4, "--checkpoint-interval", 2)
     assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
     assert steps_of(tmp_path / "node0" / "run") == [2, 4] and not (tmp_path / "node1" / "run").exists()
 
-    results = run_two_nodes(tmp_path, data, "--max-steps", 6, "--checkpoint-interval", 2, "--resume",
+    results = run_two_nodes(tmp_path, markov_dir, "--max-steps", 6, "--checkpoint-interval", 2, "--resume",
                             "--allow-lr-change")
     for code, stdout, stderr in results:
         assert code != 0
@@ -233,17 +211,16 @@ def test_two_nodes_with_node_local_out_dirs_stop_with_one_line(tmp_path, data):
 
 # ---- one live run per folder
 
-def test_a_second_run_on_a_live_folder_stops_and_kill_9_leaves_no_stale_lock(tmp_path, data):
+def test_a_second_run_on_a_live_folder_stops_and_kill_9_leaves_no_stale_lock(tmp_path, markov_dir):
     out = tmp_path / "out"
-    flags = [*COMMON, "--data-dir", data, "--out-dir", out, "--checkpoint-interval", 5]
-    first = subprocess.Popen([sys.executable, "train.py", *map(str, flags), "--max-steps", "100000"], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = [*COMMON, "--data-dir", markov_dir, "--out-dir", out, "--checkpoint-interval", 5]
+    first = start_train(*flags, "--max-steps", 100000)
     try:
         deadline = time.time() + 60
         while not (out / "ckpt_0000005").exists() and time.time() < deadline:
             time.sleep(0.05)
         result = run_train(*flags, "--max-steps", 100000, "--resume", check=False)
-        one_line_error(result, "is in use by a live run", f"pid {first.pid}", socket.gethostname())
+        assert_one_line_error(result, "is in use by a live run", f"pid {first.pid}", socket.gethostname())
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

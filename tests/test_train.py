@@ -1,89 +1,33 @@
 """train.py: it learns a source of known entropy, DDP equals accumulation, resume is exact, and the pieces
 (schedule, weight-decay groups, accumulation arithmetic) match their definitions."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import markov
 from config import GPTConfig, TrainConfig
-from dataloader import write_shard
 from errors import UserError
+from helpers import COMMON, SMALL, TINY, assert_one_line_error, read_log, run_train, start_train
 from model import GPT
-from train import build_optimizer, grad_accum_steps, load_optimizer_state, lr_at, train_step
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def markov_chain(vocab: int, seed: int):
-    """A random first-order Markov chain: (transition matrix, stationary distribution, entropy rate in nats)."""
-    rng = np.random.default_rng(seed)
-    P = rng.dirichlet(np.full(vocab, 0.3), size=vocab)
-    evals, evecs = np.linalg.eig(P.T)
-    pi = np.real(evecs[:, np.argmin(np.abs(evals - 1))])
-    pi /= pi.sum()
-    rate = -(pi[:, None] * P * np.log(P)).sum()
-    return P, pi, rate
-
-
-def sample_chain(P, pi, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    cum = P.cumsum(axis=1)
-    out = np.empty(n, dtype=np.uint16)
-    s = rng.choice(len(pi), p=pi)
-    u = rng.random(n)
-    for i in range(n):
-        out[i] = s
-        s = min(int(np.searchsorted(cum[s], u[i])), len(pi) - 1)
-    return out
-
-
-def make_markov_data(folder: Path, vocab: int = 8, n_train: int = 200_000, n_val: int = 20_000, seed: int = 0):
-    P, pi, rate = markov_chain(vocab, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_shard(str(folder / "train_000000.bin"), sample_chain(P, pi, n_train, seed + 1))
-    write_shard(str(folder / "val_000000.bin"), sample_chain(P, pi, n_val, seed + 2))
-    meta = {"tokenizer": "gpt2", "vocab_size": vocab, "eot": vocab - 1, "source": "markov"}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return P, pi, rate
-
-
-def run_train(*flags, torchrun: int = 0, check=True, **popen):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + ["train.py", *map(str, flags)]
-    env = popen.pop("env", None) or dict(os.environ)
-    if torchrun:
-        env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, **popen)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def read_log(out: Path, key: str) -> dict:
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
+from optimizer import build_optimizer, load_optimizer_state
+from schedule import lr_at
+from train import grad_accum_steps, train_step
 
 # The optimizers train.py offers; Muon with the architecture it is meant for.
 OPTIMIZERS = {"adamw": [], "muon": ["--arch", "modern", "--optimizer", "muon"]}
-SMALL = ["--device", "cpu", "--dtype", "float32", "--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--block-size", 32,
-         "--pad-vocab-multiple", 1, "--log-interval", 1, "--eval-interval", 0, "--hellaswag-interval", 0,
-         "--sample-interval", 0, "--warmup-steps", 5, "--learning-rate", 3e-3, "--peak-flops", 1e12]
 
 
 def test_learns_markov_chain_to_its_entropy(tmp_path):
     """The best any model can do on a block is the marginal entropy at its first position and the chain's
     entropy rate after it; a small GPT must get within 0.05 nats of that."""
-    P, pi, rate = make_markov_data(tmp_path / "data")
-    block = 64
-    first = -(pi * np.log(pi)).sum()
+    chain = markov.write_data(tmp_path / "data")
+    block, rate = 64, chain.entropy_rate
+    first = -(chain.pi * np.log(chain.pi)).sum()
     optimum = (first + (block - 1) * rate) / block
     out = tmp_path / "out"
     run_train(*SMALL, "--block-size", block, "--data-dir", tmp_path / "data", "--out-dir", out,
@@ -94,10 +38,9 @@ def test_learns_markov_chain_to_its_entropy(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_ddp_equals_accumulation(tmp_path, optimizer):
-    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
-    common = [*SMALL, *OPTIMIZERS[optimizer], "--data-dir", tmp_path / "data", "--batch-size", 4,
-              "--total-batch-size", 4 * 32 * 2, "--max-steps", 6, "--checkpoint-interval", 100]
+def test_ddp_equals_accumulation(tmp_path, markov_dir, optimizer):
+    common = [*COMMON, *OPTIMIZERS[optimizer], "--data-dir", markov_dir, "--max-steps", 6,
+              "--checkpoint-interval", 100]
     run_train(*common, "--out-dir", tmp_path / "single")
     run_train(*common, "--out-dir", tmp_path / "ddp", torchrun=2)
     single, ddp = read_log(tmp_path / "single", "loss"), read_log(tmp_path / "ddp", "loss")
@@ -107,17 +50,14 @@ def test_ddp_equals_accumulation(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_kill_and_resume_is_exact(tmp_path, optimizer):
+def test_kill_and_resume_is_exact(tmp_path, markov_dir, optimizer):
     """kill -9 in the middle of a run, --resume, and the loss curve equals a run never stopped, exactly."""
-    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
-    common = [*SMALL, *OPTIMIZERS[optimizer], "--data-dir", tmp_path / "data", "--batch-size", 4,
-              "--total-batch-size", 4 * 32 * 2, "--max-steps", 40, "--checkpoint-interval", 5,
-              "--keep-checkpoints", 2, "--dropout", 0.1]
+    common = [*COMMON, *OPTIMIZERS[optimizer], "--data-dir", markov_dir, "--max-steps", 40,
+              "--checkpoint-interval", 5, "--keep-checkpoints", 2, "--dropout", 0.1]
     run_train(*common, "--out-dir", tmp_path / "full")
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", *map(str, common), "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_train(*common, "--out-dir", out)
     deadline = time.time() + 120
     while not (out / "ckpt_0000015").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -128,13 +68,10 @@ def test_kill_and_resume_is_exact(tmp_path, optimizer):
     assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
-    make_markov_data(tmp_path / "data", n_train=50_000, n_val=5_000)
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, markov_dir):
     out = tmp_path / "out"
-    common = [*SMALL, "--data-dir", tmp_path / "data", "--out-dir", out, "--batch-size", 4,
-              "--total-batch-size", 128, "--max-steps", 100000, "--checkpoint-interval", 100000]
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start_train(*TINY, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 100000,
+                       "--checkpoint-interval", 100000, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not ((out / "log.jsonl").exists() and len(read_log(out, "loss")) >= 3) and time.time() < deadline:
         time.sleep(0.05)
@@ -151,22 +88,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     (["--n-layer", 3], "different model config"),
     (["--optimizer", "muon"], "trained with --optimizer adamw, now muon"),
 ])
-def test_resume_with_another_model_or_optimizer_is_refused(tmp_path, flags, message):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    common = [*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
-              "--total-batch-size", 128, "--max-steps", 2]
+def test_resume_with_another_model_or_optimizer_is_refused(tmp_path, markov_dir, flags, message):
+    common = [*TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 2]
     run_train(*common)
-    result = run_train(*common, *flags, "--resume", check=False)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_train(*common, *flags, "--resume", check=False), message)
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    result = run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
-                       "--total-batch-size", 128, "--max-steps", 50, "--learning-rate", 1e30, "--warmup-steps", 1,
-                       "--grad-clip", 0, check=False)
-    assert result.returncode == 2 and "loss became nan or inf" in result.stderr and "Traceback" not in result.stderr
+def test_nan_loss_stops_with_a_clear_message(tmp_path, markov_dir):
+    result = run_train(*TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 50,
+                       "--learning-rate", 1e30, "--warmup-steps", 1, "--grad-clip", 0, check=False)
+    assert_one_line_error(result, "loss became nan or inf")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -176,12 +107,10 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     (["--no-such-flag", 1], "unknown option"),
     (["--data-dir", "/nonexistent"], "prepare_data.py"),
 ])
-def test_bad_flags_get_one_clear_line(tmp_path, flags, message):
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    result = run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
-                       "--total-batch-size", 128, "--max-steps", 1, *flags, check=False)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_bad_flags_get_one_clear_line(tmp_path, markov_dir, flags, message):
+    result = run_train(*TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 1, *flags,
+                       check=False)
+    assert_one_line_error(result, message)
 
 
 def test_lr_schedule_matches_its_definition():
@@ -196,21 +125,27 @@ def test_lr_schedule_matches_its_definition():
     assert lr_at(60, TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110)) == pytest.approx(0.55)
 
 
-def test_weight_decay_only_on_matrices_and_embeddings():
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    decay, no_decay = opt.param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
-    assert all(n.endswith("bias") or ".ln_" in n or "ln_f" in n for n in (names[id(p)] for p in no_decay["params"]))
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
-
-
 def names_of(model, params) -> set:
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)] for p in params}
+
+
+def test_weight_decay_only_on_matrices_and_embeddings():
+    """GPT-2's recipe as nanoGPT has it: the embeddings and the Linear weights decay, LayerNorms and biases do not."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    block = "transformer.h.0."
+    assert names_of(model, decay["params"]) == {  # the head is wte, tied: the same tensor, listed once
+        "transformer.wte.weight", "transformer.wpe.weight",
+        *(block + m for m in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))}
+    assert names_of(model, no_decay["params"]) == {
+        "transformer.ln_f.weight", "transformer.ln_f.bias",
+        *(block + m for m in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
+                              "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"))}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # each tensor once
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
@@ -283,7 +218,7 @@ def test_grad_accumulation_arithmetic():
 def test_bf16_autocast_on_cpu_learns_like_fp32(tmp_path):
     """The CUDA default (bf16 autocast, fp32 master weights) run on the CPU: same data, same init, the same
     validation loss as fp32 to within a few hundredths of a nat."""
-    make_markov_data(tmp_path / "data", n_train=100_000, n_val=10_000)
+    markov.write_data(tmp_path / "data", n_train=100_000, n_val=10_000)
     common = [*SMALL, "--data-dir", tmp_path / "data", "--batch-size", 16, "--total-batch-size", 16 * 32,
               "--max-steps", 150, "--eval-interval", 150, "--eval-steps", 10, "--log-interval", 50,
               "--checkpoint-interval", 1000]
@@ -294,11 +229,9 @@ def test_bf16_autocast_on_cpu_learns_like_fp32(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_on_cpu_matches_eager(tmp_path):
+def test_compile_on_cpu_matches_eager(tmp_path, markov_dir):
     """torch.compile, the CUDA default, through the same code path on the CPU (inductor's C++ backend)."""
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
-    common = [*SMALL, "--n-layer", 1, "--data-dir", tmp_path / "data", "--batch-size", 4,
-              "--total-batch-size", 128, "--max-steps", 3, "--checkpoint-interval", 100]
+    common = [*TINY, "--n-layer", 1, "--data-dir", markov_dir, "--max-steps", 3, "--checkpoint-interval", 100]
     run_train(*common, "--out-dir", tmp_path / "eager", "--no-compile")
     run_train(*common, "--out-dir", tmp_path / "compiled", "--compile")
     eager, compiled = read_log(tmp_path / "eager", "loss"), read_log(tmp_path / "compiled", "loss")
@@ -307,11 +240,9 @@ def test_compile_on_cpu_matches_eager(tmp_path):
         assert abs(eager[step] - compiled[step]) < 1e-4, (step, eager[step], compiled[step])
 
 
-def test_wandb_offline_logs_the_run(tmp_path):
-    pytest.importorskip("wandb")
-    make_markov_data(tmp_path / "data", n_train=20_000, n_val=5_000)
+def test_wandb_offline_logs_the_run(tmp_path, markov_dir):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    run_train(*SMALL, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--batch-size", 4,
-              "--total-batch-size", 128, "--max-steps", 2, "--wandb", "--wandb-run-name", "t", env=env)
+    run_train(*TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 2, "--wandb",
+              "--wandb-run-name", "t", env=env)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

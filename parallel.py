@@ -1,5 +1,6 @@
-"""--parallel fsdp: parameters, gradients and AdamW states sharded over the ranks with torch's FSDP2, and the
-sharded optimizer state saved and loaded with torch.distributed.checkpoint (which reshards to any world size).
+"""How the model trains across processes: --parallel ddp (DistributedDataParallel, a whole copy per rank) or
+--parallel fsdp (torch's FSDP2: parameters, gradients and optimizer states sharded over the ranks, the sharded
+optimizer state saved and loaded with torch.distributed.checkpoint, which reshards to any world size).
 
 DDP keeps a whole copy of the model, its gradients and both AdamW moments on every rank: 16 bytes per parameter.
 FSDP keeps 16 / world_size and gathers each block's weights just before it runs. Checkpoints stay one folder:
@@ -15,8 +16,33 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from errors import UserError
 
 OPTIMIZER_DIR = "optimizer"
+
+
+def wrap(model: torch.nn.Module, parallel: str, ctx, dtype: torch.dtype, compile_on: bool) -> torch.nn.Module:
+    """What forward and backward run through: model itself, compiled, DDP-wrapped, or sharded in place (FSDP)."""
+    if parallel == "fsdp":
+        if not torch.distributed.is_initialized():
+            raise UserError("--parallel fsdp shards over the processes of torchrun; start it with torchrun (even "
+                            "--nproc_per_node=1), or leave --parallel at ddp for one process")
+        return shard(model, ctx.device, ctx.world_size, dtype, compile_on)
+    runner = torch.compile(model) if compile_on else model
+    if ctx.enabled:
+        runner = DDP(runner, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    return runner
+
+
+def gradient_sync(runner, last_micro_step: bool):
+    """Gradients are reduced across ranks once per step, on the last micro step only."""
+    if isinstance(runner, DDP):
+        return contextlib.nullcontext() if last_micro_step else runner.no_sync()
+    if is_sharded(runner):
+        runner.set_requires_gradient_sync(last_micro_step)
+    return contextlib.nullcontext()
 
 
 def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: torch.dtype, compile_on: bool):

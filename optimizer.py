@@ -1,0 +1,81 @@
+"""The optimizers and their parameter groups: AdamW (betas 0.9/0.95, weight decay on matrices and embeddings
+only), or with --optimizer muon, torch.optim.Muon for the blocks' matrices and AdamW for the rest. Every group
+carries lr_scale, its peak learning rate over --learning-rate, which the schedule multiplies (train.train_step).
+"""
+import torch
+
+from config import TrainConfig
+from errors import UserError
+from model import GPT
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on matrices and embeddings only: decaying biases and norm gains only hurts. With
+    --optimizer muon the blocks' matrices go to Muon; its orthogonalised update does not suit the embedding, the
+    head, the norm gains and the biases, which stay with AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied head appears once
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in hidden]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    # The fused kernel updates all parameters in one pass instead of a dozen elementwise passes per tensor;
+    # it exists for CUDA and for the CPU (the same code runs on both), not for MPS.
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                              fused=device.type in ("cuda", "cpu"))
+    if not hidden:
+        return adamw
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch.optim.Muon, new in PyTorch 2.9; this is {torch.__version__}")
+    # Moonshot's "Muon is Scalable for LLM Training" (Liu et al. 2025): scaled by 0.2 sqrt(max(rows, cols)), the
+    # update has AdamW's typical RMS, so Muon takes AdamW's learning rate and weight decay as they are; momentum
+    # 0.95 with Nesterov as in their paper and Keller Jordan's Muon.
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=muon_lr(cfg), weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    muon.param_groups[0]["lr_scale"] = muon_lr(cfg) / cfg.learning_rate
+    return Optimizers(muon, adamw)
+
+
+def muon_lr(cfg: TrainConfig) -> float:
+    return cfg.learning_rate if cfg.muon_lr is None else cfg.muon_lr
+
+
+class Optimizers:
+    """Several optimizers stepped as one, so train_step and checkpoints see a single object; iterating gives the
+    parts, which is what torch.distributed.checkpoint takes for a sharded save."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    @property
+    def param_groups(self) -> list:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict):
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+def load_optimizer_state(optimizer, load):
+    """Run load(), which fills optimizer with a checkpoint's moments, then give the groups back this run's
+    settings: load_state_dict would keep the saved ones (a changed --muon-lr, --weight-decay), and a checkpoint
+    written before lr_scale existed has none."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    load()
+    for group, ours in zip(optimizer.param_groups, settings, strict=True):
+        group.update(ours)
