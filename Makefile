@@ -23,7 +23,7 @@ help:
 	@echo "make demo    install into .venv, prepare data/tinytales, train the tiny preset on the CPU (minutes),"
 	@echo "             print samples and write $(OUT)/loss.png; run again, it reuses all that and is quick"
 	@echo "             (extra train.py flags: make demo TRAIN_ARGS='--max-steps 300')"
-	@echo "make test    install requirements-test.txt into .venv and run the tests (python -m pytest -q)"
+	@echo "make test    install requirements-test.txt into .venv and run the tests (python -m pytest -q -n auto)"
 	@echo "make clean   delete the demo's $(OUT) and $(DATA) and caches; other runs, datasets and .venv stay"
 	@echo "make help    this list"
 
@@ -66,7 +66,7 @@ demo: .venv/.requirements.stamp
 	echo "            which extends later with --resume --resume-step N --max-steps M (see README)"
 
 test: .venv/.requirements-test.stamp
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache __pycache__ tests/__pycache__
