@@ -23,7 +23,7 @@ import atomic
 import runtime
 from atomic import atomic_write
 from config import GPTConfig
-from errors import UserError
+from errors import UserError, first_line
 from model import GPT
 from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
 from tokenizer import load_tokenizer
@@ -132,7 +132,7 @@ def load_train_state(ckpt: str) -> dict:
         raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed; move it out "
                         f"of the run folder to resume from an earlier checkpoint")
     except Exception as e:  # an unpickling error here means a corrupt or hostile file; either way, refuse it
-        raise UserError(f"refusing {path}: {str(e).splitlines()[0]}")
+        raise UserError(f"refusing {path}: {first_line(e)}")
 
 
 def read_meta(ckpt: str) -> dict:
@@ -183,4 +183,4 @@ def _os_reason(e: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     if cause is not None and cause.strerror:
         return cause.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return first_line(e)

@@ -7,6 +7,11 @@ class UserError(Exception):
     """Something the user can fix (bad flag, missing file, corrupt shard). The message says what and how."""
 
 
+def first_line(e: BaseException) -> str:
+    """What an exception says, in one line for a one-line message: its first line, or its type if it says nothing."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def run_main(main):
     """Run a script's main(); turn UserError into one line on stderr and exit code 2."""
     try:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import checkpoint
 from atomic import atomic_write
 from config import TrainConfig
-from errors import UserError, run_main
+from errors import UserError, first_line, run_main
 from model import GPT, HF_CONV1D
 from run_folder import LOG, read_log
 from tokenizer import EOT, load_tokenizer
@@ -119,7 +119,7 @@ def push_to_hub(folder: str, repo: str) -> str:
         url = api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo, commit_message="Upload from gpt-pretrain export_hf.py")
     except Exception as e:  # network, authentication and naming errors all come from here
-        raise UserError(f"cannot push {folder} to the hub repository {repo}: {str(e).splitlines()[0]}; the export "
+        raise UserError(f"cannot push {folder} to the hub repository {repo}: {first_line(e)}; the export "
                         f"itself is complete. Check the name and your login (hf auth login or HF_TOKEN)")
     return str(url)
 

@@ -31,7 +31,7 @@ import numpy as np
 import errors
 from atomic import write_file
 from dataloader import HEADER_BYTES, MAGIC, VERSION, read_shard, write_shard
-from errors import UserError
+from errors import UserError, first_line
 from tokenizer import check_uint16, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
 
 HUB_REPOS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "bookcorpus": "bookcorpus/bookcorpus"}
@@ -257,10 +257,6 @@ def hub_entry(sibling) -> dict:
     return entry
 
 
-def first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def from_hub(source: dict) -> bool:
     return "commit" in source
 
@@ -387,7 +383,7 @@ def parquet_texts(path: Path, counts: Counter):
     try:
         table = pyarrow.parquet.ParquetFile(path)
     except pyarrow.ArrowException as e:
-        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})")
+        raise UserError(f"{path}: not a readable parquet file ({first_line(e)})")
     if "text" not in table.schema_arrow.names:
         raise UserError(f"{path}: no 'text' column (it has {', '.join(table.schema_arrow.names)})")
     row = 0

@@ -14,7 +14,7 @@ from typing import Iterable
 import tiktoken
 
 from atomic import write_file
-from errors import UserError
+from errors import UserError, first_line
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer split, in tiktoken's faster but equivalent possessive spelling.
@@ -36,7 +36,7 @@ def load_tokenizer(spec: str) -> tiktoken.Encoding:
         return tiktoken.Encoding(name=Path(spec).stem, pat_str=pat_str, mergeable_ranks=ranks,
                                  special_tokens=special_tokens)
     except ValueError as e:  # e.g. a pat_str that is not a valid regex
-        raise UserError(f"{_sidecar(spec)}: {str(e).splitlines()[0]}; fix or delete it")
+        raise UserError(f"{_sidecar(spec)}: {first_line(e)}; fix or delete it")
 
 
 def _sidecar(path) -> Path:
