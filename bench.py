@@ -12,6 +12,7 @@ alike and their ratio holds on a busy machine. Nothing here is a test; a missed 
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import gzip
 import json
@@ -371,8 +372,7 @@ def bench_generate(b: Bench):
         hf = GPT2LMHeadModel.from_pretrained(folder).float().to(b.device).eval()  # its default dtype
         hf.generation_config.eos_token_id = None  # random weights may well pick <|endoftext|>: keep going
         hf.generation_config.pad_token_id = enc.eot_token
-        fast = generate.for_inference(GPT(model.config).to(b.device), default)
-        fast.load_state_dict(model.state_dict())
+        fast = generate.for_inference(copy.deepcopy(model), default)
         out = {}
 
         def ours(key, m, use_cache=True):
