@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from config import GPTConfig, count_params
 from errors import UserError
+from head_loss import head_loss
 
 
 # The projections OpenAI's (and transformers') GPT-2 stores as Conv1D, (in, out): ours are nn.Linear, (out, in).
@@ -218,65 +219,6 @@ class GPT(nn.Module):
         if missing:
             raise UserError(f"{folder} lacks weights {', '.join(missing[:3])}...: not a complete GPT-2 checkpoint")
         return model
-
-
-def head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-              chunk_rows: int = 0) -> torch.Tensor:
-    """Mean cross-entropy of the LM head over rows of hidden states h (N, C), targets (N,), -1 ignored.
-
-    Equal to F.cross_entropy(h @ weight.T) over the real vocabulary, but the (N, vocab) logits never exist at once:
-    rows go through the head in chunks, in the autocast dtype, and each chunk's gradients (for h and for the
-    weight) are computed right there, so backward has nothing to recompute. Per chunk that is three matmuls and
-    one fused softmax; nothing of vocabulary width is ever held in float32. On a CPU this removes most of a bf16
-    step's casts and elementwise passes; on a GPU the ~12 GiB of fp32 logits that a 64 x 1024 batch would keep
-    alive through backward.
-    """
-    device_type = h.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-    if chunk_rows <= 0:  # ~256 MB of logits per chunk: 2,670 rows of GPT-2's vocabulary in bf16
-        chunk_rows = max(64, (256 << 20) // (vocab_size * torch.finfo(dtype).bits // 8))
-    with torch.autocast(device_type, enabled=False):
-        return _HeadLoss.apply(h, weight, targets, vocab_size, dtype, chunk_rows)
-
-
-class _HeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, dtype, chunk_rows):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w, x = weight[:vocab_size].to(dtype), h.to(dtype)  # the padding rows get no logits, hence no gradient
-        valid = targets != -1
-        row_scale = valid / valid.sum().clamp(min=1)  # d mean / d row; stays on the device: no host sync
-        safe_targets = targets.clamp(min=0)
-        losses = torch.empty(len(x), device=x.device, dtype=torch.float32)
-        grad_h = torch.empty(x.shape, device=x.device, dtype=torch.float32) if need_grad else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
-        for start in range(0, len(x), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            t = safe_targets[rows, None]
-            logits = x[rows] @ w.t()
-            peak = logits.amax(dim=1, keepdim=True).float()
-            target_logit = logits.gather(1, t).float()
-            probs = torch.softmax(logits, dim=1, out=logits)  # in place: one pass, no float32 copy
-            # log-sum-exp = peak logit - log(peak probability): that is >= 1/vocab, so it never underflows
-            lse = peak - probs.amax(dim=1, keepdim=True).float().log()
-            losses[rows] = (lse - target_logit).squeeze(1)
-            if need_grad:  # d loss / d logits = (softmax - onehot) * row_scale; the onehot part is a row gather
-                scale = row_scale[rows, None]
-                grad_h[rows] = ((probs @ w).float() - weight[t[:, 0]].float()) * scale
-                xs = x[rows].float() * scale
-                grad_w[:vocab_size] += (probs.t() @ xs.to(dtype)).float()
-                # index_put_ with accumulate sums repeated targets, deterministically on CUDA too (index_add_ is not)
-                grad_w.index_put_((t[:, 0],), -xs, accumulate=True)
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w)
-            ctx.input_dtypes = (h.dtype, weight.dtype)
-        return (losses * row_scale).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.input_dtypes
-        return (grad_h.to(h_dtype) * grad_loss, (grad_w * grad_loss).to(w_dtype), None, None, None, None)
 
 
 class RMSNorm(nn.Module):

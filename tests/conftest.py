@@ -67,3 +67,24 @@ def markov_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("markov")
     markov.write_data(folder, n_train=30_000, n_val=5_000)
     return folder
+
+
+@pytest.fixture(scope="session")
+def english_dir(tmp_path_factory) -> Path:
+    """Real English: HellaSwag's contexts with their right endings, about 400,000 tokens of a 2,048-token BPE
+    trained on them (a small head keeps runs fast). Its frequent tokens ("the", ",", ".") repeat in every batch,
+    as in any real corpus."""
+    import gzip
+    import json
+
+    import prepare_data
+    from helpers import write_jsonl
+
+    root = tmp_path_factory.mktemp("english")
+    with gzip.open(shared_data("hellaswag_val.jsonl.gz"), "rt", encoding="utf-8") as f:
+        examples = [json.loads(line) for line in f]
+    texts = [ex["ctx"] + " " + ex["endings"][int(ex["label"])] for ex in examples]
+    corpus = write_jsonl(root / "english.jsonl", texts, text=True)
+    prepare_data.main(["--input", corpus, "--train-tokenizer", "--vocab-size", "2048", "--out", str(root / "data"),
+                       "--val-tokens", "20000", "--workers", "2"])
+    return root / "data"

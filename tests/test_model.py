@@ -100,39 +100,6 @@ def test_loss_is_cross_entropy_ignoring_minus_one(random_gpt):
     assert abs(loss.item() - F.cross_entropy(logits[keep], targets[keep]).item()) < 1e-5
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 64, 0])
-def test_chunked_head_loss_has_the_values_and_gradients_of_plain_cross_entropy(chunk_rows):
-    """float32: loss, d/dh and d/dweight equal F.cross_entropy over the unpadded logits within 1e-5, for chunks
-    that do and do not divide the rows, with ignored targets and a padded head."""
-    from model import head_loss
-
-    torch.manual_seed(0)
-    h = torch.randn(50, 32, requires_grad=True)
-    weight = (torch.randn(128, 32) * 0.2).requires_grad_()  # 100 real tokens, padded to 128
-    targets = torch.randint(0, 100, (50,))
-    targets[::9] = -1
-    loss = head_loss(h, weight, targets, 100, chunk_rows=chunk_rows)
-    loss.backward()
-    ours = (loss.detach(), h.grad.clone(), weight.grad.clone())
-    h.grad = weight.grad = None
-    plain = F.cross_entropy((h @ weight.t())[:, :100], targets, ignore_index=-1)
-    plain.backward()
-    for a, b in zip(ours, (plain.detach(), h.grad, weight.grad)):
-        assert (a - b).abs().max().item() < 1e-5
-    assert weight.grad[100:].abs().max() == 0 and ours[2][100:].abs().max() == 0  # padding rows learn nothing
-
-
-def test_chunked_head_loss_in_bf16_autocast_is_close_to_float32():
-    from model import head_loss
-
-    torch.manual_seed(0)
-    h, weight = torch.randn(64, 48), torch.randn(256, 48) * 0.2
-    targets = torch.randint(0, 256, (64,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = head_loss(h, weight, targets, 256)
-    assert abs(bf16.item() - F.cross_entropy(h @ weight.t(), targets).item()) < 0.02
-
-
 def test_tied_head_gets_the_gradient_of_both_uses(random_gpt):
     """The head is the token embedding: its gradient sums the loss's (through the fused head) and the input's."""
     model = random_gpt().train()
