@@ -5,6 +5,7 @@ renamed over it. A reader, or a rerun after kill -9, sees the old version or the
         Path(tmp).write_text(...)
 """
 import contextlib
+import json
 import os
 import shutil
 from typing import Optional
@@ -43,6 +44,11 @@ def write_file(path, data):
     with atomic_write(path) as tmp, open(tmp, "w" if isinstance(data, str) else "wb",
                                          **({"encoding": "utf-8"} if isinstance(data, str) else {})) as f:
         f.write(data)
+
+
+def write_json(path, obj, indent: int = 1):
+    """obj as a JSON file, atomically."""
+    write_file(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def remove(path: str):

@@ -39,15 +39,15 @@ import generate
 import hellaswag
 import markov
 import plot
-import runtime
+import hardware
 from atomic import write_file
-from config import PRESETS, GPTConfig, TrainConfig
+from config import PRESETS, GPTConfig, TrainConfig, fill_schedule_defaults
 from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
-from hooks import evaluate_loss
+from evaluate import evaluate_loss
 from model import GPT, estimate_mfu
 from optimizer import build_optimizer
-from run_folder import read_log
+from log import read_log
 from schedule import lr_at
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
@@ -101,7 +101,7 @@ class Bench:
     """What every section shares: the device, the sizes (full or --quick), a scratch folder, lazily built data."""
 
     def __init__(self, args):
-        self.device = runtime.pick_device(args.device)
+        self.device = hardware.pick_device(args.device)
         self.quick, self.nanogpt = args.quick, args.nanogpt
         self.out = Path(args.out)  # the report; figures go beside it
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -200,7 +200,7 @@ class Trainer:
 def train_settings(b: Bench, fields: dict, batch: int, settings: list, warmup: int, repeats: int):
     """Train every setting from the same init on the same batches, steps interleaved; (cfg, stats, val losses)."""
     cfg = GPTConfig(**fields)
-    tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=5, max_steps=warmup + repeats)
+    tcfg = fill_schedule_defaults(TrainConfig(learning_rate=1e-3, warmup_steps=5, max_steps=warmup + repeats))
     torch.manual_seed(0)
     init = GPT(cfg).state_dict()
     trainers = {(dtype, comp): Trainer(b, cfg, batch, init, dtype, comp, tcfg) for dtype, comp in settings}
@@ -224,9 +224,9 @@ def bench_train(b: Bench):
     dtypes = [torch.float32, torch.bfloat16]
     settings = [(d, c) for c in ([False] if b.quick else [False, True]) for d in dtypes]
     # The best of a few tries: on a busy machine a single one understates what the device can do.
-    peak = {d: max(runtime.measure_matmul_flops(b.device, d, *b.q((2048, 1.0), (512, 0.1))) for _ in range(3))
+    peak = {d: max(hardware.measure_matmul_flops(b.device, d, *b.q((2048, 1.0), (512, 0.1))) for _ in range(3))
             for d in dtypes}
-    datasheet = {d: runtime.peak_flops(b.device, d) for d in dtypes} if b.device.type == "cuda" else {}
+    datasheet = {d: hardware.peak_flops(b.device, d) for d in dtypes} if b.device.type == "cuda" else {}
     for d in dtypes:
         yield Row(f"matmul peak, {DTYPE_NAMES[d]}", f"{peak[d] / 1e9:,.0f} GFLOP/s",
                   details=f"measured ({'512' if b.quick else '2048'}^3 matmul); MFU below is against it",
@@ -360,7 +360,7 @@ def bench_generate(b: Bench):
     new = b.q(128, 16)
     enc = load_tokenizer(b.gpt2_tokenizer())
     prompt = torch.tensor([enc.encode("Once upon a time")], device=b.device)
-    default = runtime.pick_dtype("auto", b.device)  # generate.py's --dtype auto
+    default = hardware.pick_dtype("auto", b.device)  # generate.py's --dtype auto
     shapes = {"6x384": dict(n_layer=6, n_head=6, n_embd=384), "GPT-2 124M": dict(n_layer=12, n_head=12, n_embd=768)}
     if b.quick:
         shapes = {"2x64": dict(n_layer=2, n_head=2, n_embd=64)}
@@ -572,7 +572,7 @@ def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
     else:
         model = GPT(GPTConfig(**cfg, vocab_size=50257))
         optimizer = build_optimizer(model, TrainConfig(), device)
-        dtype, before = runtime.pick_dtype(dtype_name, device), proc_status(os.getpid(), "VmRSS")
+        dtype, before = hardware.pick_dtype(dtype_name, device), proc_status(os.getpid(), "VmRSS")
         train_step(model, optimizer, batches, 2, 6e-4, 1.0, dtype)
     print(json.dumps({"before": before, "peak": proc_status(os.getpid(), "VmHWM"),
                       "dtype": str(dtype).removeprefix("torch.")}))

@@ -1,41 +1,100 @@
-"""Checkpoints: one folder per save, written under a temporary name and renamed, so a crash never leaves a
-half-written checkpoint that could be taken for the newest.
+"""One checkpoint folder: its name, what it holds, how it is written (whole or not at all) and read, and the one
+way every script gets a model from a checkpoint, a run folder, a Hugging Face folder or a hub name.
 
-    ckpt_0001000/
+    ckpt_0001000/           the name (built and parsed only here); "newest" always means the highest step
         model.safetensors   weights (never pickle)
-        config.json         model config, tokenizer identity, step
+        config.json         model config, tokenizer identity, step, run id
         kit_tokenizer.tiktoken  (+ kit_tokenizer.json) when the tokenizer is a file, so the folder is self-contained
                             (older checkpoints: tokenizer.tiktoken + tokenizer.json, still read)
-        state.pt            optimizer, data position, RNG: loaded with torch.load(weights_only=True)
+        state.pt            data position, RNG, recipe, optimizer (unsharded runs): torch.load(weights_only=True)
+        optimizer/          the optimizer's shards of an FSDP run, torch.distributed.checkpoint's format (every
+                            rank writes its own; it reshards to any world size on load)
+
+A save fills a temporary folder and renames it, so a crash never leaves a half-written checkpoint that could be
+taken for the newest.
 """
 import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import atomic
-import runtime
 from atomic import atomic_write
 from config import GPTConfig
+from hardware import DTYPES
 from errors import UserError, first_line
-from model import GPT
-from run_folder import find_checkpoint, list_checkpoints, prune  # noqa: F401 (the scripts' way to a checkpoint)
+from model import GPT, build_model
 from tokenizer import load_tokenizer
 
 # Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
 RANKS, SIDECAR = "kit_tokenizer.tiktoken", "kit_tokenizer.json"
 HEAD = "lm_head.weight"
+OPTIMIZER_DIR = "optimizer"
+NAME_RE = re.compile(r"^ckpt_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:07d}"
+
+
+def checkpoint_step(path: str) -> int:
+    return int(NAME_RE.match(os.path.basename(path)).group(1))
 
 
 def staging_folder(out_dir: str, step: int, tag: str) -> str:
-    """The temporary folder a save fills before its rename: ranks that all write into it agree on `tag`."""
-    return os.path.join(out_dir, f".ckpt_{step:07d}.tmp-{tag}")
+    """The temporary folder a save fills before its rename: ranks that all write into it agree on `tag`. Its name
+    never matches NAME_RE, so a half-written save is never listed."""
+    return os.path.join(out_dir, f".{checkpoint_name(step)}.tmp-{tag}")
+
+
+def is_staging_folder(name: str) -> bool:
+    return name.startswith(".ckpt_")
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints in out_dir, lowest step first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if NAME_RE.match(n)]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=checkpoint_step)]
+
+
+def find_checkpoint(path: str) -> str:
+    """path itself if it is a checkpoint, else the newest checkpoint of the run folder path, else of the one run
+    folder inside path that has checkpoints (two or more are ambiguous: the user names one)."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    runs = [os.path.join(path, sub) for sub in sorted(os.listdir(path))] if os.path.isdir(path) else []
+    runs = [run for run in runs if list_checkpoints(run)]
+    if len(runs) > 1:
+        raise UserError(f"{path} holds several runs ({', '.join(runs)}); name one with --checkpoint DIR")
+    if not runs:
+        raise UserError(f"no checkpoint in {path}: train one with train.py, or name one with --checkpoint DIR")
+    return list_checkpoints(runs[0])[-1]
+
+
+def prune(out_dir: str, keep: int, protect: tuple = ()):
+    """Keep the newest `keep` checkpoints (0 keeps all) and those at the steps in `protect`; drop the leftovers
+    of saves killed half-way."""
+    if keep > 0:
+        for path in list_checkpoints(out_dir)[:-keep]:
+            if checkpoint_step(path) not in protect:
+                shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(out_dir):
+        if is_staging_folder(name):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_state: Optional[dict] = None,
@@ -44,7 +103,7 @@ def save_checkpoint(out_dir: str, step: int, model: GPT, tokenizer: str, train_s
     """Write ckpt_<step> into out_dir atomically; keep only the newest `keep` (0 keeps all) and those at the steps
     in `protect`. Returns its path. weights replaces model.state_dict() (gathered from shards, say); staged is
     a staging_folder() that other ranks already wrote into (a sharded optimizer), renamed with the rest."""
-    final = os.path.join(out_dir, f"ckpt_{step:07d}")
+    final = os.path.join(out_dir, checkpoint_name(step))
     tmp = staged or staging_folder(out_dir, step, str(os.getpid()))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -108,7 +167,7 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_help: str):
                              "without openai-community/; downloaded once)")
     parser.add_argument("--tokenizer", help="gpt2 or a .tiktoken file (default: the one the model names)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES], help=dtype_help)
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=dtype_help)
 
 
 def load_from_args(args, device) -> tuple[GPT, object, str]:
@@ -135,7 +194,8 @@ def load_train_state(ckpt: str) -> dict:
         raise UserError(f"refusing {path}: {first_line(e)}")
 
 
-def read_meta(ckpt: str) -> dict:
+def read_checkpoint_meta(ckpt: str) -> dict:
+    """config.json of a checkpoint: its model config (as a GPTConfig), tokenizer, step and run id."""
     path = os.path.join(ckpt, "config.json")
     try:
         with open(path) as f:
@@ -147,8 +207,8 @@ def read_meta(ckpt: str) -> dict:
 
 
 def _load_ours(ckpt: str) -> tuple[GPT, str]:
-    meta = read_meta(ckpt)
-    model = GPT(meta["model"])
+    meta = read_checkpoint_meta(ckpt)
+    model = build_model(meta["model"])
     path = os.path.join(ckpt, "model.safetensors")
     try:
         weights = load_file(path)
@@ -166,6 +226,23 @@ def _load_ours(ckpt: str) -> tuple[GPT, str]:
     if tokenizer in (RANKS, "tokenizer.tiktoken"):
         tokenizer = os.path.join(ckpt, tokenizer)
     return model, tokenizer
+
+
+def save_optimizer_shards(model, optimizer, folder: str):
+    """Every rank writes its shard of the optimizer state into folder/optimizer: a collective."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+               checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+
+
+def has_optimizer_shards(ckpt: str) -> bool:
+    return os.path.isdir(os.path.join(ckpt, OPTIMIZER_DIR))
+
+
+def load_optimizer_shards(model, optimizer, ckpt: str):
+    """The optimizer state of ckpt, resharded for this run's ranks (or whole, for an unsharded model)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill, this run's shards
+    dcp.load(state, checkpoint_id=os.path.join(ckpt, OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def _is_hf_folder(path: str) -> bool:

@@ -1,4 +1,6 @@
-"""Model and training configuration: dataclasses, named presets, and overrides from files and the command line.
+"""Configuration: the recipe (GPTConfig + TrainConfig: what is trained, saved with every checkpoint), the run
+options (RunOptions: how this invocation treats the run folder, never saved), named presets, overrides from
+files and the command line, and resolve(): every default that depends on something else, decided in one place.
 
 Precedence, lowest first: dataclass defaults < preset or JSON file named by --config < command-line flags.
 Every field is a flag; `--n-layer 6` and `--n_layer=6` are the same.
@@ -48,24 +50,23 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
-    compile: Optional[bool] = None  # torch.compile; default on for CUDA, off elsewhere
+    compile: Optional[bool] = None  # torch.compile; default (resolve) on for CUDA, off elsewhere
     parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (parameters and AdamW states sharded)
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
     max_steps: int = 19073  # one epoch of fineweb-edu 10B at 524,288 tokens per step
     learning_rate: float = 6e-4
-    min_lr: Optional[float] = None  # where the decay ends; default 10% of learning_rate
+    min_lr: Optional[float] = None  # where the decay ends; default (resolve) 10% of learning_rate
     warmup_steps: int = 715
     lr_schedule: str = "cosine"  # cosine (GPT-2, nanoGPT) or wsd: warmup, stable, then a linear decay at the end
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays; a run extends from before that
-    allow_lr_change: bool = False  # resume although the new schedule moves the learning rate at the resume step
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 turns clipping off
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (above) for everything else
-    muon_lr: Optional[float] = None  # Muon's peak learning rate; default learning_rate (see build_optimizer)
+    muon_lr: Optional[float] = None  # Muon's peak learning rate; default (resolve) learning_rate
     muon_momentum: float = 0.95
     log_interval: int = 10
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: datasheet for known GPUs, else measured
@@ -78,13 +79,44 @@ class TrainConfig:
     sample_prompt: str = "Once upon a time"
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    resume_step: Optional[int] = None  # with --resume: from this step's checkpoint; later ones are moved aside
-    overwrite: bool = False  # a fresh run into a folder holding an older run deletes that run's checkpoints and log
-    shuffle: Optional[bool] = None  # a seeded order of all block-sized windows each epoch; default: meta.json's
+    shuffle: Optional[bool] = None  # a seeded order of all block-sized windows each epoch; default (resolve): meta.json's
     wandb: bool = False
     wandb_project: str = "gpt-pretrain"
     wandb_run_name: Optional[str] = None
+
+
+@dataclass
+class RunOptions:
+    """How this invocation treats the run folder and the cluster: not part of the recipe, never saved."""
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume_step: Optional[int] = None  # with --resume: from this step's checkpoint; later ones are moved aside
+    overwrite: bool = False  # a fresh run into a folder holding an older run deletes that run's checkpoints and log
+    allow_lr_change: bool = False  # resume although the new schedule moves the learning rate at the resume step
+    dist_timeout: float = 30.0  # minutes a collective waits for the slowest rank (a checkpoint write, say)
+
+
+def resolve(model_cfg: GPTConfig, cfg: TrainConfig, explicit: set, data_meta: dict,
+            device_type: str) -> tuple[GPTConfig, TrainConfig]:
+    """Every default that depends on something else, decided once before step 1: the vocabulary is the data's
+    (a preset's yields; an explicit --vocab-size must agree), shuffle is what meta.json asks for, compile is on
+    for CUDA, and the schedule's and Muon's learning rates (fill_schedule_defaults)."""
+    if "vocab_size" in explicit and model_cfg.vocab_size != data_meta["vocab_size"]:
+        raise UserError(f"--vocab-size {model_cfg.vocab_size} disagrees with the data's tokenizer "
+                        f"({data_meta['vocab_size']} tokens, {cfg.data_dir}/meta.json); drop the flag or prepare the "
+                        f"data with the tokenizer you mean")
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data_meta["vocab_size"])
+    cfg = dataclasses.replace(
+        fill_schedule_defaults(cfg),
+        shuffle=bool(data_meta.get("shuffle", False)) if cfg.shuffle is None else cfg.shuffle,
+        compile=device_type == "cuda" if cfg.compile is None else cfg.compile)
+    return model_cfg, cfg
+
+
+def fill_schedule_defaults(cfg: TrainConfig) -> TrainConfig:
+    """min_lr 10% of learning_rate, muon_lr equal to it: also applied to a checkpoint's saved recipe, so a resume
+    compares like with like."""
+    return dataclasses.replace(cfg, min_lr=cfg.learning_rate * 0.1 if cfg.min_lr is None else cfg.min_lr,
+                               muon_lr=cfg.learning_rate if cfg.muon_lr is None else cfg.muon_lr)
 
 
 def count_params(cfg: GPTConfig, include_embeddings: bool = True) -> int:
@@ -131,7 +163,8 @@ PRESETS = {
     ),
 }
 
-_FIELDS = {f.name: (cls, f) for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls)}
+CONFIG_CLASSES = (GPTConfig, TrainConfig, RunOptions)
+_FIELDS = {f.name: (cls, f) for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
 
 
 def _base_type(annotation):
@@ -163,10 +196,10 @@ def load_preset(name_or_file: str) -> dict:
     return overrides
 
 
-def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
-    """Split flat {field: value} overrides into the two dataclasses, checking names and types."""
+def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig, RunOptions]:
+    """Split flat {field: value} overrides into the three dataclasses, checking names and types."""
     _check_keys(overrides, "overrides")
-    parts = {GPTConfig: {}, TrainConfig: {}}
+    parts = {cls: {} for cls in CONFIG_CLASSES}
     for key, value in overrides.items():
         cls, field = _FIELDS[key]
         typ = _base_type(field.type)
@@ -176,7 +209,7 @@ def make_configs(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
         if value is not None and (not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool)):
             raise UserError(f"config key {key} must be {typ.__name__}, got {value!r}")
         parts[cls][key] = value
-    return GPTConfig(**parts[GPTConfig]), TrainConfig(**parts[TrainConfig])
+    return tuple(cls(**parts[cls]) for cls in CONFIG_CLASSES)
 
 
 def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
@@ -216,7 +249,7 @@ def _parse_bool(text: str) -> bool:
 def add_config_args(parser: argparse.ArgumentParser):
     """Add --config and one flag per config field (dashes or underscores) to parser."""
     parser.add_argument("--config", default=None, help=f"a preset ({', '.join(PRESETS)}) or a JSON file of field: value")
-    for cls in (GPTConfig, TrainConfig):
+    for cls in CONFIG_CLASSES:
         group = parser.add_argument_group(f"{cls.__name__} fields")
         for f in dataclasses.fields(cls):
             flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
@@ -232,8 +265,9 @@ def add_config_args(parser: argparse.ArgumentParser):
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv=None):
-    """Parse argv into (GPTConfig, TrainConfig, args); unknown options are one clear error. args.explicit names
-    the fields the user set by a flag or a JSON file (a named preset's values are defaults, not requests)."""
+    """Parse argv into (GPTConfig, TrainConfig, RunOptions, args); unknown options are one clear error.
+    args.explicit names the fields the user set by a flag or a JSON file (a named preset's values are defaults,
+    not requests)."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option(s) {' '.join(unknown)}; see --help for the valid ones")
@@ -241,8 +275,7 @@ def parse_configs(parser: argparse.ArgumentParser, argv=None):
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
     args.explicit = set(flags) | (set(overrides) if args.config and args.config not in PRESETS else set())
     overrides.update(flags)
-    model_cfg, train_cfg = make_configs(overrides)
-    return model_cfg, train_cfg, args
+    return (*make_configs(overrides), args)
 
 
 def main():
@@ -250,7 +283,7 @@ def main():
     argparse.ArgumentParser(description="List the model presets and their parameter counts.").parse_args()
     print(f"{'preset':<14} {'layers':>6} {'heads':>5} {'n_embd':>6} {'block':>5} {'vocab':>6} {'params':>9}")
     for name, preset in PRESETS.items():
-        cfg, _ = make_configs({k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})
+        cfg = make_configs({k: v for k, v in preset.items() if k in GPTConfig.__dataclass_fields__})[0]
         n = count_params(cfg)
         print(f"{name:<14} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>6} {cfg.block_size:>5} "
               f"{cfg.vocab_size:>6} {n / 1e6:>8.1f}M")

@@ -1,64 +1,15 @@
-"""Token shards on disk and the loader that streams (x, y) batches from them, split across DDP ranks.
-
-Shard layout (llm.c's): a header of 256 little-endian int32 [magic, version, n_tokens, 0, ...], then n_tokens
-little-endian uint16 token ids.
+"""The loader that streams (x, y) batches from a data folder's token shards (shards.py), split across ranks, and
+the folder's meta.json (what prepare_data.py wrote: tokenizer, vocabulary, shuffle).
 """
-import glob
 import json
 import os
 
 import numpy as np
 
-from atomic import atomic_write
 from errors import UserError
+from shards import read_shard, shard_paths
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-REDO = "re-run prepare_data.py with --overwrite"
-
-
-def write_shard(path: str, tokens: np.ndarray):
-    """Write tokens (uint16) as a shard, atomically: a reader sees the whole shard or none."""
-    if tokens.dtype != np.uint16:
-        raise TypeError(f"shard tokens must be uint16, got {tokens.dtype}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    try:
-        with atomic_write(path, durable=True) as tmp, open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2", copy=False).tobytes())
-    except OSError as e:  # a full disk, say: no half shard left behind, and one line that names the file
-        raise UserError(f"cannot write shard {path}: {e.strerror or e}; make room and rerun prepare_data.py "
-                        f"(it resumes, keeping the shards already written)")
-
-
-def read_shard(path: str) -> np.ndarray:
-    """The shard's tokens as a read-only memory map (uint16), after checking the header against the file size."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    except OSError as e:
-        raise UserError(f"cannot read shard {path}: {e.strerror}")
-    if len(header) < 3 or header[0] != MAGIC:
-        raise UserError(f"{path} is not a token shard (wrong magic number); {REDO}")
-    if header[1] != VERSION:
-        raise UserError(f"{path} has shard version {header[1]}, this code reads version {VERSION}; {REDO}")
-    n_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * n_tokens
-    if size < expected:
-        raise UserError(f"{path} is truncated: its header says {n_tokens} tokens but it holds "
-                        f"{max(0, size - HEADER_BYTES) // 2}; {REDO}")
-    if size > expected:
-        raise UserError(f"{path} is {size} bytes but its header says {n_tokens} tokens ({expected} bytes); {REDO}")
-    if n_tokens == 0:  # mmap cannot map zero bytes
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
-
-
-def read_meta(data_dir: str) -> dict:
+def read_data_meta(data_dir: str) -> dict:
     """meta.json of prepare_data.py, with the tokenizer as a usable spec (a name or an absolute path)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
@@ -90,7 +41,7 @@ class DataLoader:
                  vocab_size=None):
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder {data_dir} does not exist; run prepare_data.py to create it")
-        self.paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"{split}_*.bin")))
+        self.paths = shard_paths(data_dir, split)
         if not self.paths:
             raise UserError(f"no {split}_*.bin shards in {data_dir}; run prepare_data.py to create them")
         self.shards = [read_shard(p) for p in self.paths]
@@ -132,7 +83,7 @@ class DataLoader:
 
     def next_batch(self):
         """(x, y): int64 tensors of shape (B, T), y being x shifted left by one token."""
-        import torch  # only here: prepare_data.py imports this module for the shard format, not for torch
+        import torch  # only here: the loader's numpy side needs no torch (and --help stays fast)
 
         first = self.next_window + self.rank * self.B
         self.next_window += self.world_size * self.B

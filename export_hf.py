@@ -20,7 +20,7 @@ from atomic import atomic_write
 from config import TrainConfig
 from errors import UserError, first_line, run_main
 from model import GPT, HF_CONV1D
-from run_folder import LOG, read_log
+from log import LOG, read_log
 from tokenizer import EOT, load_tokenizer
 
 LM_EVAL_TASKS = "hellaswag,arc_easy,piqa,winogrande,lambada_openai"
@@ -158,7 +158,7 @@ def write_hf_tokenizer(enc, folder: str, max_len: int) -> None:
 def run_facts(ckpt: str) -> dict:
     """What the model card reports about training, from the checkpoint's state.pt and its run's log.jsonl;
     a fact that is missing (a weights-only checkpoint, no log) is simply left out."""
-    facts = {"step": checkpoint.read_meta(ckpt)["step"]}
+    facts = {"step": checkpoint.read_checkpoint_meta(ckpt)["step"]}
     if os.path.isfile(os.path.join(ckpt, "state.pt")):
         train_cfg = checkpoint.load_train_state(ckpt).get("train_config", {})
         facts["train_config"] = train_cfg

@@ -15,9 +15,9 @@ from typing import Iterator, Optional
 import torch
 
 import checkpoint
-import runtime
+from hardware import autocast, pick_device, pick_dtype
 from errors import UserError, run_main
-from model import GPT
+from model import CausalLM
 
 RULE = "-" * 40  # between samples
 
@@ -32,13 +32,16 @@ def encode_prompt(enc, prompt: str, block_size: int) -> list[int]:
     return ids
 
 
-def stream(model: GPT, enc, ids: list[int], num_samples: int = 1, max_new_tokens: int = 200,
+def stream(model: CausalLM, enc, ids: list[int], num_samples: int = 1, max_new_tokens: int = 200,
            temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[tuple[int, str]]:
+           generator: Optional[torch.Generator] = None, use_cache: bool = True,
+           stop_early: bool = True) -> Iterator[tuple[int, str]]:
     """Yield (sample index, text) pieces as tokens arrive, all samples continuing ids in one batch.
 
     A sample ends at <|endoftext|> (not printed) or after max_new_tokens. Each sample decodes through its own
-    incremental UTF-8 decoder, so a character whose bytes span several tokens comes out whole.
+    incremental UTF-8 decoder, so a character whose bytes span several tokens comes out whole. stop_early=False
+    decodes all max_new_tokens steps even once every sample has ended: a sharded model's ranks must make the
+    same number of forwards (each is a collective), whatever tokens each rank drew.
     """
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=model.lm_head.weight.device)
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
@@ -52,7 +55,7 @@ def stream(model: GPT, enc, ids: list[int], num_samples: int = 1, max_new_tokens
                 text = decoders[row].decode(enc.decode_single_token_bytes(token))
                 if text:
                     yield row, text
-        if all(done):
+        if stop_early and all(done):
             break
     for row, decoder in enumerate(decoders):  # bytes of an unfinished character become U+FFFD
         tail = decoder.decode(b"", final=True)
@@ -60,10 +63,10 @@ def stream(model: GPT, enc, ids: list[int], num_samples: int = 1, max_new_tokens
             yield row, tail
 
 
-def complete(model: GPT, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 32,
+def complete(model: CausalLM, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 32,
              temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
              generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
-             use_cache: bool = True) -> list[str]:
+             use_cache: bool = True, stop_early: bool = True) -> list[str]:
     """num_samples continuations of prompt (without the prompt), sampled together in one batch.
 
     Safe to call in the middle of training: the model is put in eval mode and restored afterwards.
@@ -74,16 +77,16 @@ def complete(model: GPT, enc, prompt: str, num_samples: int = 1, max_new_tokens:
     was_training = model.training
     model.eval()
     try:
-        with runtime.autocast(model.lm_head.weight.device, dtype):
+        with autocast(model.lm_head.weight.device, dtype):
             for row, text in stream(model, enc, ids, num_samples, max_new_tokens, temperature, top_k, top_p,
-                                    generator, use_cache):
+                                    generator, use_cache, stop_early):
                 texts[row] += text
     finally:
         model.train(was_training)
     return texts
 
 
-def for_inference(model: GPT, dtype: torch.dtype) -> GPT:
+def for_inference(model: CausalLM, dtype: torch.dtype) -> CausalLM:
     """The model as generate.py decodes with it: the weights themselves in dtype (native bf16 halves the bytes
     each decode step reads, where autocast would cast them again every step), float32 otherwise."""
     return model.to(dtype).eval()
@@ -116,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(args.dtype, device)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     model, enc, source = checkpoint.load_from_args(args, device)
     model = for_inference(model, dtype)
     print(f"sampling from {source} on {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)

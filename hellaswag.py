@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-import runtime
-from atomic import atomic_write, write_file
+import distributed
+from hardware import autocast, pick_dtype
+from atomic import atomic_write, write_json
 from errors import UserError, run_main
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -170,7 +171,7 @@ def score(model, enc, examples: list, device, dtype, batch_size: int = 4, progre
     # Examples of similar length share a batch, so little of a forward is padding; results go back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + counts[i].sum().item())
     # One autocast around the loop: it keeps the low-precision copies of the weights from batch to batch.
-    with tqdm(total=len(examples), unit="ex", disable=not progress) as bar, runtime.autocast(device, dtype):
+    with tqdm(total=len(examples), unit="ex", disable=not progress) as bar, autocast(device, dtype):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             p = pack([encoded[i] for i in idx], device)
@@ -192,7 +193,7 @@ def score_plain(model, enc, examples: list, device, dtype):
     that score() is checked and timed against. Same return as score()."""
     losses = torch.zeros(len(examples), N_ENDINGS)
     counts = torch.zeros(len(examples), N_ENDINGS)
-    with runtime.autocast(device, dtype):
+    with autocast(device, dtype):
         for i, ex in enumerate(examples):
             ctx, ends = encode(enc, ex, model.config.block_size)
             for k, end in enumerate(ends):
@@ -203,31 +204,40 @@ def score_plain(model, enc, examples: list, device, dtype):
     return losses, counts
 
 
-def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 4, dist: Optional[runtime.Dist] = None,
-             progress: bool = False) -> dict:
-    """{"acc", "acc_norm", "n"} of model (an unwrapped GPT) on examples. Under torchrun pass dist: each process
+def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 4,
+             world: Optional[distributed.World] = None, progress: bool = False) -> dict:
+    """{"acc", "acc_norm", "n"} of model (an unwrapped GPT) on examples. Under torchrun pass world: each process
     scores examples[rank::world_size] and the counts are summed over processes."""
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    counts = tally(model, enc, examples, device, dtype, batch_size, world, progress)
+    return accuracy(distributed.all_reduce(counts) if world is not None and world.enabled else counts)
+
+
+def tally(model, enc, examples: list, device, dtype, batch_size: int = 4,
+          world: Optional[distributed.World] = None, progress: bool = False) -> torch.Tensor:
+    """[correct, correct_norm, n] of this process's share of examples (all of them when world is None): local
+    work, no collective."""
+    rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
     was_training = model.training
     model.eval()  # dropout off; train.py calls this mid-training
-    mine = examples[rank::world]
+    mine = examples[rank::world_size]
     losses, counts = score(model, enc, mine, device, dtype, batch_size, progress)
     model.train(was_training)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = (losses.argmin(dim=1) == labels).sum().item()
     correct_norm = ((losses / counts).argmin(dim=1) == labels).sum().item()
-    totals = torch.tensor([correct, correct_norm, len(mine)], dtype=torch.long, device=device)
-    if dist is not None and dist.enabled:
-        runtime.all_reduce(totals)
-    correct, correct_norm, n = totals.tolist()
+    return torch.tensor([correct, correct_norm, len(mine)], dtype=torch.long, device=device)
+
+
+def accuracy(counts: torch.Tensor) -> dict:
+    correct, correct_norm, n = counts.tolist()
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
 
 
-def write_json(path: str, obj: dict):
-    """obj as JSON at path, atomically; a path that cannot be written is one line."""
+def save_result(path: str, result: dict):
+    """The result as JSON at path, atomically; a path that cannot be written is one line."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_file(path, json.dumps(obj, indent=2))
+        write_json(path, result, indent=2)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}")
 
@@ -246,21 +256,21 @@ def main():
     if args.batch_size < 1 or args.limit < 0:
         raise UserError("--batch-size must be at least 1 and --limit at least 0")
 
-    dist = runtime.setup_distributed(args.device)
+    world = distributed.setup(args.device)
     try:
         examples = load_examples(args.data, args.limit, args.cache_dir)
-        model, enc, _ = checkpoint.load_from_args(args, dist.device)
-        dtype = runtime.pick_dtype(args.dtype, dist.device)
+        model, enc, _ = checkpoint.load_from_args(args, world.device)
+        dtype = pick_dtype(args.dtype, world.device)
         t0 = time.perf_counter()
-        result = evaluate(model, enc, examples, dist.device, dtype, args.batch_size, dist, progress=dist.is_master)
+        result = evaluate(model, enc, examples, world.device, dtype, args.batch_size, world, progress=world.is_master)
         rate = result["n"] / (time.perf_counter() - t0)
-        if dist.is_master:
+        if world.is_master:
             print(f"hellaswag: n {result['n']} | acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
                   f"{rate:.1f} examples/s")
             if args.out:
-                write_json(args.out, result)
+                save_result(args.out, result)
     finally:
-        runtime.teardown_distributed()
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloader import write_shard
+from shards import write_shard
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""GPT-2, exactly: pre-LayerNorm blocks, learned positions, tanh GELU, tied embeddings.
+"""GPT-2, exactly: pre-LayerNorm blocks, learned positions, tanh GELU, tied embeddings; and what every architecture
+shares (CausalLM: the head and its loss, generation with a KV cache; build_model picks the architecture).
 
 Module names follow OpenAI's/Hugging Face's checkpoints (transformer.h.0.attn.c_attn, ...) so their weights map
 one to one. Attention runs through F.scaled_dot_product_attention (flash attention on CUDA). A KVCache makes
@@ -95,35 +96,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    def __new__(cls, cfg: GPTConfig = None, *args, **kwargs):
-        # GPT(cfg) builds whichever architecture cfg names, so checkpoints and scripts need no dispatch of their own.
-        if cls is GPT and cfg is not None and cfg.arch == "modern":
-            cls = ModernGPT
-        return super().__new__(cls)
+class CausalLM(nn.Module):
+    """What every architecture shares: a stack of `blocks` under its checkpoints' names, `hidden()` up to the final
+    norm, the head and its loss, and generation. GPT below is GPT-2; modern.py's ModernGPT the Qwen3-like one."""
 
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
-        self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+    config: GPTConfig
+    lm_head: nn.Linear
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, under whichever name the architecture's checkpoints give them."""
-        return self.transformer.h
+        raise NotImplementedError
+
+    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
+        """Final hidden states (after the final norm), shape (B, T, n_embd).
+
+        positions: (B, T) or (T,) position ids, default cache.pos + arange(T).
+        attn_mask: boolean (B or 1, 1, T, keys) where True may attend; default causal.
+        """
+        raise NotImplementedError
 
     @staticmethod
     def _init_weights(module):
@@ -139,28 +130,13 @@ class GPT(nn.Module):
             raise UserError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         return torch.arange(start, start + T, device=idx.device)
 
-    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
-        """Final hidden states (after ln_f), shape (B, T, n_embd).
-
-        positions: (B, T) or (T,) position ids, default cache.pos + arange(T).
-        attn_mask: boolean (B or 1, 1, T, keys) where True may attend; default causal.
-        """
-        T = idx.shape[1]
-        positions = self.positions(idx, cache) if positions is None else positions
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, cache, attn_mask)
-        if cache is not None:
-            cache.pos += T
-        return self.transformer.ln_f(x)
-
     def logits(self, h):
         """Logits over the real vocabulary: padded rows exist only to speed up the matmul, never in results."""
         return self.lm_head(h)[..., :self.config.vocab_size]
 
     def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
         """(logits, None) without targets; (None, mean cross-entropy) with them, never holding the whole batch's
-        logits (see head_loss). Targets of -1 are ignored."""
+        logits (see head_loss.py). Targets of -1 are ignored."""
         h = self.hidden(idx, cache)
         if targets is None:
             return self.logits(h), None
@@ -190,6 +166,43 @@ class GPT(nn.Module):
             nxt = sample(self.logits(h[:, -1, :]).float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             yield nxt
+
+
+
+class GPT(CausalLM):
+    """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, the head tied to the token embedding."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
+        T = idx.shape[1]
+        positions = self.positions(idx, cache) if positions is None else positions
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, cache, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str) -> "GPT":
@@ -221,116 +234,13 @@ class GPT(nn.Module):
         return model
 
 
-class RMSNorm(nn.Module):
-    """Gain only, no mean subtraction; the parameter is named `weight` so Qwen3 checkpoints map one to one."""
+def build_model(cfg: GPTConfig) -> CausalLM:
+    """The architecture cfg names: GPT-2 (this file) or, for arch "modern", modern.py's ModernGPT."""
+    if cfg.arch == "modern":
+        from modern import ModernGPT  # modern.py builds on this file's attention and base class
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # Normalise in float32 as Qwen3 does, so bf16 activations give the same result as its class.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin for explicit positions (B, T) or (T,), so packed sequences and a KV cache rotate correctly."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    # Halves, not interleaved pairs: the layout of Qwen3's (and Llama's) checkpoints.
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim) or (B, T, head_dim)."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-class ModernAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) for _ in range(4))
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
-
-    def forward(self, x, layer, cache, attn_mask, cos, sin):
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # QK-norm per head before rotation, as Qwen3.
-        q, k, v = apply_rotary(self.q_norm(q).transpose(1, 2), cos, sin), \
-            apply_rotary(self.k_norm(k).transpose(1, 2), cos, sin), v.transpose(1, 2)
-        y = attend(q, k, v, layer, cache, attn_mask, self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        hidden = cfg.swiglu_hidden_size
-        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class ModernBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = ModernAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(self, x, layer, cache, attn_mask, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), layer, cache, attn_mask, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class ModernGPT(GPT):
-    """Rotary, RMSNorm, SwiGLU, QK-norm, no biases; names and layout of transformers' Qwen3ForCausalLM."""
-
-    def __init__(self, cfg: GPTConfig):
-        nn.Module.__init__(self)
-        self.config = cfg
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            layers=nn.ModuleList(ModernBlock(cfg) for _ in range(cfg.n_layer)),
-            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
-        # Zero output projections: every block starts as the identity, so depth does not scale the initial residual.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.zeros_(p)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def hidden(self, idx, cache: Optional[KVCache] = None, positions=None, attn_mask=None):
-        T = idx.shape[1]
-        positions = self.positions(idx, cache) if positions is None else positions
-        cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
-        x = self.model.embed_tokens(idx)
-        for layer, block in enumerate(self.model.layers):
-            x = block(x, layer, cache, attn_mask, cos, sin)
-        if cache is not None:
-            cache.pos += T
-        return self.model.norm(x)
+        return ModernGPT(cfg)
+    return GPT(cfg)
 
 
 def sample(logits, temperature: float, top_k: Optional[int], top_p: float, generator=None):

@@ -1,15 +1,16 @@
 """The optimizers and their parameter groups: AdamW (betas 0.9/0.95, weight decay on matrices and embeddings
 only), or with --optimizer muon, torch.optim.Muon for the blocks' matrices and AdamW for the rest. Every group
 carries lr_scale, its peak learning rate over --learning-rate, which the schedule multiplies (train.train_step).
+cfg is resolved (config.resolve): muon_lr is set.
 """
 import torch
 
 from config import TrainConfig
 from errors import UserError
-from model import GPT
+from model import CausalLM
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
+def build_optimizer(model: CausalLM, cfg: TrainConfig, device: torch.device):
     """AdamW with weight decay on matrices and embeddings only: decaying biases and norm gains only hurts. With
     --optimizer muon the blocks' matrices go to Muon; its orthogonalised update does not suit the embedding, the
     head, the norm gains and the biases, which stay with AdamW."""
@@ -31,14 +32,10 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
     # Moonshot's "Muon is Scalable for LLM Training" (Liu et al. 2025): scaled by 0.2 sqrt(max(rows, cols)), the
     # update has AdamW's typical RMS, so Muon takes AdamW's learning rate and weight decay as they are; momentum
     # 0.95 with Nesterov as in their paper and Keller Jordan's Muon.
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=muon_lr(cfg), weight_decay=cfg.weight_decay,
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                             momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    muon.param_groups[0]["lr_scale"] = muon_lr(cfg) / cfg.learning_rate
+    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate
     return Optimizers(muon, adamw)
-
-
-def muon_lr(cfg: TrainConfig) -> float:
-    return cfg.learning_rate if cfg.muon_lr is None else cfg.muon_lr
 
 
 class Optimizers:

@@ -12,7 +12,7 @@ import statistics
 
 from atomic import atomic_write
 from errors import UserError, run_main
-from run_folder import read_log
+from log import read_log
 
 CHANCE = 0.25  # HellaSwag has four endings
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import errors
-from atomic import write_file
-from dataloader import HEADER_BYTES, MAGIC, VERSION, read_shard, write_shard
+from atomic import write_json
+from shards import MAGIC, VERSION, ShardWriter
 from errors import UserError, first_line
 from tokenizer import check_uint16, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -573,85 +573,6 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-class ShardWriter:
-    """Cuts one split's token stream into shards of exactly shard_size tokens, the last one shorter."""
-
-    def __init__(self, out: Path, split: str, shard_size: int):
-        self.out, self.split = out, split
-        self.buffer = np.empty(shard_size, dtype=np.uint16)  # memory is committed only as it fills
-        self.fill = 0
-        self.documents = self.tokens = self.shards = 0
-
-    def add(self, tokens: np.ndarray, n_documents: int):
-        self.documents += n_documents
-        self.tokens += len(tokens)
-        while len(tokens):
-            take = min(len(tokens), len(self.buffer) - self.fill)
-            self.buffer[self.fill:self.fill + take] = tokens[:take]
-            self.fill += take
-            tokens = tokens[take:]
-            if self.fill == len(self.buffer):
-                self._flush()
-
-    def close(self):
-        if self.fill:
-            self._flush()
-
-    def counts(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens, "shards": self.shards}
-
-    def state(self) -> dict:
-        return {**self.counts(), "fill": self.fill}
-
-    def holds(self, state: dict) -> bool:
-        """Whether every token up to an earlier state is in finished shards."""
-        return state["fill"] == 0 or self.shards > state["shards"]
-
-    def resume(self, state: dict) -> bool:
-        """Take up from a state the shards on disk hold: the shards before it whole, and the next one beginning
-        with the tokens the state had in memory. False, changing nothing, if they do not."""
-        size, fill = len(self.buffer), state["fill"]
-        written = state["tokens"] - fill
-        if not all(self._tokens_on_disk(i) == min(size, written - i * size) for i in range(state["shards"])):
-            return False
-        if fill:
-            tail = whole_shard(self._path(state["shards"]))
-            if tail is None or len(tail) < fill:
-                return False
-            self.buffer[:fill] = tail[:fill]
-        self.documents, self.tokens, self.shards = state["documents"], state["tokens"], state["shards"]
-        self.fill = fill
-        return True
-
-    def _tokens_on_disk(self, index: int) -> int:
-        """How many tokens shard index holds by its file's size (shards are renamed in place whole); -1: none."""
-        path = self._path(index)
-        return (path.stat().st_size - HEADER_BYTES) // 2 if path.is_file() else -1
-
-    def _path(self, index: int) -> Path:
-        return self.out / f"{self.split}_{index:06d}.bin"
-
-    def _flush(self):
-        path = self._path(self.shards)
-        tokens = self.buffer[:self.fill]
-        # A resumed run writes again the shards after its resume point: ones a killed run finished need not be.
-        old = whole_shard(path)
-        if old is None or not np.array_equal(old, tokens):
-            write_shard(str(path), tokens)
-        self.shards += 1
-        self.fill = 0
-
-
-def whole_shard(path: Path):
-    """The shard's tokens, or None if it is missing or damaged (then it is simply written again)."""
-    if not path.exists():
-        return None
-    try:
-        return read_shard(str(path))
-    except UserError:
-        return None
-
-
 class Progress:
     """job.json: the settings, the source's files, and where a rerun resumes: the latest file boundary whose
     tokens are all in finished shards. Those a split still had in memory there begin its next shard, which is
@@ -706,14 +627,14 @@ def unfinished_job(out: Path, settings: dict, overwrite: bool):
 def claim_folder(out: Path, overwrite: bool):
     """Empty out of our files (--overwrite) and of what a killed run left half-written: never trusted."""
     if overwrite:
-        remove(out, OUR_FILES)
+        remove_matching(out, OUR_FILES)
     out.mkdir(parents=True, exist_ok=True)
-    remove(out, [pattern + ".tmp-*" for pattern in OUR_FILES])
+    remove_matching(out, [pattern + ".tmp-*" for pattern in OUR_FILES])
     # huggingface_hub names a partial download uniquely per process, so it never takes up a killed run's
-    remove(out / DOWNLOADS / ".cache", ["**/*.incomplete"])
+    remove_matching(out / DOWNLOADS / ".cache", ["**/*.incomplete"])
 
 
-def remove(folder: Path, patterns):
+def remove_matching(folder: Path, patterns):
     for pattern in patterns:
         for path in folder.glob(pattern):
             path.unlink()
@@ -728,10 +649,6 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} is not a JSON object; add --overwrite to prepare {path.parent} again")
     return obj
 
-
-
-def write_json(path: Path, obj):
-    write_file(path, json.dumps(obj, indent=1) + "\n")
 
 
 if __name__ == "__main__":

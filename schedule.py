@@ -8,8 +8,8 @@ from config import TrainConfig
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to learning_rate, then down to min_lr at max_steps (and min_lr after): a cosine, or (wsd)
-    flat until decay_start and linear from there."""
-    min_lr = cfg.learning_rate * 0.1 if cfg.min_lr is None else cfg.min_lr
+    flat until decay_start and linear from there. cfg is resolved (config.resolve): min_lr is set."""
+    min_lr = cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:

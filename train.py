@@ -1,4 +1,4 @@
-"""Pre-train a GPT: one process, or many under torchrun (DDP), with exact resume.
+"""Pre-train a GPT: one process, or many under torchrun (DDP or FSDP), with exact resume.
 
     python train.py --config tiny --device cpu                  # the CPU demo
     python train.py                                              # GPT-2 124M on fineweb-edu 10B, one GPU
@@ -8,103 +8,92 @@
 Every config field is a flag (see --help); a step is one optimizer update of total_batch_size tokens.
 """
 import argparse
-import dataclasses
+import time
+from typing import Optional
 
 import torch
 
-import parallel
-import runtime
-from config import GPTConfig, TrainConfig, add_config_args, check_values, count_params, parse_configs
-from dataloader import DataLoader, DeviceBatches, read_meta
+import hardware
+import distributed
+from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs, \
+    resolve
+from dataloader import DataLoader, DeviceBatches, read_data_meta
 from errors import UserError, run_main
-from hooks import Hooks, RunLog, StepTimer, due
-from model import GPT
+from evaluate import Evaluator
+from model import build_model, flops_per_token
 from optimizer import build_optimizer
-from resume import Checkpoints
-from run_folder import RunFolder
+from run import Run, StopFlag, due
 from schedule import lr_at
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    model_cfg, cfg, args = parse_configs(parser)
+    model_cfg, cfg, opts, args = parse_configs(parser)
     check_values(model_cfg, cfg)
-    ctx = runtime.setup_distributed(cfg.device)
+    world = distributed.setup(cfg.device, opts.dist_timeout)
     try:
-        train(model_cfg, cfg, ctx, explicit=args.explicit)
+        train(model_cfg, cfg, opts, world, explicit=args.explicit)
     finally:
-        runtime.teardown_distributed()
+        distributed.teardown()
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=frozenset()):
+def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distributed.World, explicit=frozenset()):
     # ---- setup: everything the run needs is resolved here, before step 1
-    device, master = ctx.device, ctx.is_master
-    dtype = runtime.pick_dtype(cfg.dtype, device)
-    runtime.configure_matmul(device)
-    meta = read_meta(cfg.data_dir)
-    model_cfg, cfg = fit_to_data(model_cfg, cfg, meta, explicit)
-    accum = grad_accum_steps(cfg, model_cfg.block_size, ctx.world_size)
-    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, model_cfg.block_size, ctx.rank,
-                              ctx.world_size, shuffle_seed=cfg.seed if cfg.shuffle else None,
+    device, master = world.device, world.is_master
+    dtype = hardware.pick_dtype(cfg.dtype, device)
+    hardware.configure_matmul(device)
+    meta = read_data_meta(cfg.data_dir)
+    model_cfg, cfg = resolve(model_cfg, cfg, explicit, meta, device.type)
+    accum = grad_accum_steps(cfg, model_cfg.block_size, world.world_size)
+    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, model_cfg.block_size, world.rank,
+                              world.world_size, shuffle_seed=cfg.seed if cfg.shuffle else None,
                               vocab_size=model_cfg.vocab_size)
-    val_loader = DataLoader(cfg.data_dir, "val", cfg.batch_size, model_cfg.block_size, ctx.rank, ctx.world_size,
+    val_loader = DataLoader(cfg.data_dir, "val", cfg.batch_size, model_cfg.block_size, world.rank, world.world_size,
                             vocab_size=model_cfg.vocab_size)
 
-    folder = RunFolder(cfg.out_dir)
-    checkpoints = Checkpoints(folder, cfg, ctx, meta["tokenizer"], train_loader.identity())
-    checkpoints.check(model_cfg)
+    run = Run(model_cfg, cfg, opts, world, meta["tokenizer"], train_loader.identity())  # see run.py for the order
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(model_cfg).to(device)  # the module being trained: what is saved, evaluated and sampled
-    step = checkpoints.restore(model, train_loader)
+    raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
+    step = run.restore(raw_model, train_loader)
     batches = DeviceBatches(train_loader, device)
-    compile_on = device.type == "cuda" if cfg.compile is None else cfg.compile
-    runner = parallel.wrap(model, cfg.parallel, ctx, dtype, compile_on)  # what forward and backward run through
-    optimizer = build_optimizer(model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
-    checkpoints.restore_optimizer(model, optimizer)
-
+    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile)  # what forward/backward run through
+    optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
+    run.restore_optimizer(raw_model, optimizer)
+    evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loader, run.log,
+                          sharded=cfg.parallel == "fsdp")
+    peak_flops = cfg.peak_flops or hardware.peak_flops(device, dtype)
+    stop = StopFlag()
     if master:
-        folder.start_log(step)
-    log = RunLog(folder, model_cfg, cfg, ctx, cfg.peak_flops or runtime.peak_flops(device, dtype))
-    hooks = Hooks(cfg, model_cfg, meta["tokenizer"], ctx, dtype, val_loader, log, sharded=cfg.parallel == "fsdp")
-    stop = runtime.StopFlag()
-    if master:
-        print_setup(model, model_cfg, cfg, ctx, dtype, compile_on, accum, step, checkpoints.start)
+        print_setup(raw_model, model_cfg, cfg, world, dtype, accum, step, run.start)
 
     # ---- the loop. The loss stays on the device between logging steps: no host synchronisation there.
     losses, nonfinite, timer = [], torch.zeros((), device=device), StepTimer(device, first_step=step)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
-        loss, grad_norm = train_step(runner, optimizer, batches, accum, lr, cfg.grad_clip, dtype)
+        loss, grad_norm = train_step(model, optimizer, batches, accum, lr, cfg.grad_clip, dtype)
         step += 1
         losses.append(loss)
         nonfinite += ~torch.isfinite(loss)
         timer.tick(step)
-        logged = due(step, cfg.log_interval, cfg.max_steps)
-        saving = due(step, cfg.checkpoint_interval, cfg.max_steps) or step == cfg.max_steps or step in checkpoints.kept
+        logged, saving = due(step, cfg.log_interval, cfg.max_steps), run.save_due(step)
         # One process reads its stop flag every step; ranks agree on it, and on a non-finite loss, only where they
         # meet anyway.
-        if not (logged or saving or hooks.any_due(step) or (stop.signal and not ctx.enabled)):
+        if not (logged or saving or evaluator.due(step) or (stop.signal and not world.enabled)):
             continue
-        nan_seen, stopping = runtime.any_rank(device, nonfinite, stop.signal is not None)
+        nan_seen, stopping = distributed.any_rank(device, nonfinite, stop.signal is not None)
         if nan_seen:
-            raise checkpoints.nan_error(step)
-        error = None
-        try:
-            if logged:
-                log.training(step, losses, grad_norm, lr, timer.per_step())
-            hooks.run(step, runner, model)
-        except Exception as e:
-            error = e
-        # A failed hook never costs progress: the weights of this step are consistent, so every rank saves them.
-        if runtime.any_rank(device, error is not None)[0]:
-            path = checkpoints.save(step, model, optimizer, batches)
+            raise run.nan_error(step)
+        error = log_window(run, step, losses, grad_norm, lr, timer, peak_flops) if logged else None
+        error = error or evaluator.maybe_run(step, model, raw_model)
+        if error:  # every rank failed alike (distributed.agree): the weights of this step are sound, so save them
+            path = run.save(step, raw_model, optimizer, batches)
             if master:
                 print(f"a hook failed after step {step}: saved {path}; fix the cause, then continue with --resume",
                       flush=True)
-            raise error or UserError(f"a hook failed on another rank after step {step}; its message says why")
+            raise error
         if saving or stopping:
-            path = checkpoints.save(step, model, optimizer, batches)
+            path = run.save(step, raw_model, optimizer, batches)
             if master and stopping:
                 print(f"stopped by signal {stop.signal}: saved {path}; continue with --resume", flush=True)
         if stopping:
@@ -114,16 +103,16 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ctx: runtime.Dist, explicit=fr
             timer.restart()
 
 
-def train_step(runner, optimizer, batches, accum: int, lr: float, grad_clip: float, dtype):
+def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: float, dtype):
     """One optimizer step over `accum` micro batches at learning rate lr (each group at its own multiple of it);
     returns (mean loss, gradient norm) as device tensors, so that nothing here waits for the device. bench.py
     times exactly this function."""
     loss_sum = None
     for micro in range(accum):
         x, y = next(batches)
-        with parallel.gradient_sync(runner, micro == accum - 1):
-            with runtime.autocast(x.device, dtype):
-                _, loss = runner(x, y)
+        with distributed.gradient_sync(model, micro == accum - 1):
+            with hardware.autocast(x.device, dtype):
+                _, loss = model(x, y)
             (loss / accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -137,17 +126,15 @@ def train_step(runner, optimizer, batches, accum: int, lr: float, grad_clip: flo
     return loss_sum.float() / accum, grad_norm
 
 
-def fit_to_data(model_cfg: GPTConfig, cfg: TrainConfig, meta: dict, explicit) -> tuple[GPTConfig, TrainConfig]:
-    """The vocabulary is the data's (a preset's yields; an explicit --vocab-size must agree), and --shuffle
-    defaults to what meta.json asks for."""
-    if "vocab_size" in explicit and model_cfg.vocab_size != meta["vocab_size"]:
-        raise UserError(f"--vocab-size {model_cfg.vocab_size} disagrees with the data's tokenizer "
-                        f"({meta['vocab_size']} tokens, {cfg.data_dir}/meta.json); drop the flag or prepare the data "
-                        f"with the tokenizer you mean")
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"])
-    if cfg.shuffle is None:
-        cfg = dataclasses.replace(cfg, shuffle=bool(meta.get("shuffle", False)))
-    return model_cfg, cfg
+def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: float):
+    """The log line of a window: its mean loss over steps and ranks (a collective every rank reaches), then rank 0's
+    write, which may fail alone (a full disk): the failure, agreed on every rank, or None."""
+    world, model_cfg = run.world, run.model_cfg
+    mean_loss = distributed.all_reduce(torch.stack(losses).mean()) / world.world_size
+    loss, norm = torch.stack([mean_loss, grad_norm.float()]).tolist()
+    return distributed.attempt(run.log.training, step, loss, norm, lr, timer.per_step(), run.cfg.total_batch_size,
+                               flops_per_token(model_cfg, model_cfg.block_size), peak_flops * world.world_size,
+                               hardware.peak_memory(world.device))
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -160,16 +147,37 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
     return cfg.total_batch_size // per_micro
 
 
-def print_setup(model, model_cfg: GPTConfig, cfg: TrainConfig, ctx, dtype, compile_on: bool, accum: int, step: int,
-                start):
-    print(f"model {count_params(model_cfg) / 1e6:.1f}M params | {ctx.world_size} process(es) on {ctx.device}, "
-          f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_on else 'off'} | "
+class StepTimer:
+    """Seconds per optimizer step over a log window. The clock leaves out the run's first step (compilation,
+    warm-up) and what runs between windows (evaluations, saves): train.py restarts it after each window."""
+
+    def __init__(self, device, first_step: int):
+        self.device, self.first_step = device, first_step
+        self.restart()
+
+    def restart(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self, step: int):
+        self.steps += 1
+        if step == self.first_step + 1:
+            hardware.synchronize(self.device)
+            self.restart()
+
+    def per_step(self) -> Optional[float]:
+        """None for a window that held only the warm-up step."""
+        return (time.perf_counter() - self.start) / self.steps if self.steps else None
+
+
+def print_setup(raw_model, model_cfg: GPTConfig, cfg: TrainConfig, world, dtype, accum: int, step: int, start):
+    print(f"model {count_params(model_cfg) / 1e6:.1f}M params | {world.world_size} process(es) on {world.device}, "
+          f"{str(dtype).removeprefix('torch.')}, compile {'on' if cfg.compile else 'off'} | "
           f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
-          f"{ctx.world_size} x {accum} accum | " + (f"resumed at step {step} from {start}" if start else "fresh"),
+          f"{world.world_size} x {accum} accum | " + (f"resumed at step {step} from {start}" if start else "fresh"),
           flush=True)
     # Parameters, gradients and AdamW's two moments, all float32: 4x the parameters this rank holds (Muon keeps
     # one moment for its matrices, so a little less there).
-    state_mb = 4 * parallel.local_param_bytes(model) / 2**20
+    state_mb = 4 * distributed.local_param_bytes(raw_model) / 2**20
     print(f"{cfg.parallel}: model state per rank {state_mb:,.1f} MB (parameters, gradients, optimizer moments)",
           flush=True)
 

@@ -38,11 +38,11 @@ def hf_gpt2_dir(tmp_path_factory) -> Path:
 def random_gpt():
     """A factory of small random GPTs in eval mode: random_gpt(), random_gpt(seed=1, bias=False, ...)."""
     from config import GPTConfig
-    from model import GPT
+    from model import build_model
 
     def build(seed: int = 0, **overrides):
         torch.manual_seed(seed)
-        return perturb(GPT(GPTConfig(**{**GPT_SHAPE, **overrides})))
+        return perturb(build_model(GPTConfig(**{**GPT_SHAPE, **overrides})))
 
     return build
 

@@ -17,7 +17,7 @@ from model import GPT, count_params
     ("gpt2-xl", 1_557_611_200),  # "1.5B"
 ])
 def test_preset_parameter_counts_match_published(preset, published):
-    model_cfg, _ = config.make_configs(config.PRESETS[preset])
+    model_cfg = config.make_configs(config.PRESETS[preset])[0]
     assert count_params(model_cfg) == published
 
 
@@ -42,14 +42,15 @@ def parse(argv):
 
 def test_dashes_and_underscores_are_the_same_flag():
     for argv in (["--n-layer", "6"], ["--n_layer=6"], ["--n-layer=6"], ["--n_layer", "6"]):
-        model_cfg, _, _ = parse(argv)
+        model_cfg, _, _, _ = parse(argv)
         assert model_cfg.n_layer == 6
 
 
 def test_defaults_without_flags():
-    model_cfg, train_cfg, _ = parse([])
+    model_cfg, train_cfg, opts, _ = parse([])
     assert model_cfg == GPTConfig()
     assert train_cfg == config.TrainConfig()
+    assert opts == config.RunOptions()
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -57,21 +58,21 @@ def test_defaults_without_flags():
     (["--resume", "yes"], True),
 ])
 def test_bool_flags(argv, expected):
-    _, train_cfg, _ = parse(argv)
-    assert train_cfg.resume is expected
+    _, _, opts, _ = parse(argv)
+    assert opts.resume is expected
 
 
 def test_optional_and_float_flags():
-    _, train_cfg, _ = parse(["--min-lr", "3e-5", "--compile", "--learning_rate", "1e-3"])
+    _, train_cfg, _, _ = parse(["--min-lr", "3e-5", "--compile", "--learning_rate", "1e-3"])
     assert train_cfg.min_lr == 3e-5 and train_cfg.compile is True and train_cfg.learning_rate == 1e-3
 
 
 def test_preset_then_file_then_flags(tmp_path):
-    model_cfg, train_cfg, _ = parse(["--config", "tiny", "--n-layer", "2"])
+    model_cfg, train_cfg, _, _ = parse(["--config", "tiny", "--n-layer", "2"])
     assert (model_cfg.n_layer, model_cfg.vocab_size, train_cfg.out_dir) == (2, 4096, "out/tiny")
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"n_layer": 3, "n_embd": 96, "learning_rate": 1}))
-    model_cfg, train_cfg, _ = parse(["--config", str(path), "--n-embd", "128"])
+    model_cfg, train_cfg, _, _ = parse(["--config", str(path), "--n-embd", "128"])
     assert (model_cfg.n_layer, model_cfg.n_embd) == (3, 128)
     assert train_cfg.learning_rate == 1.0 and isinstance(train_cfg.learning_rate, float)  # JSON int → float
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import prepare_data
-from dataloader import HEADER_BYTES, MAGIC, DataLoader, read_shard, write_shard
+from dataloader import DataLoader
+from shards import HEADER_BYTES, MAGIC, read_shard, write_shard
 from errors import UserError
 from helpers import REPO, assert_one_line_error, corrupt, make_docs, run_cli, write_jsonl
 from hub_server import HubServer

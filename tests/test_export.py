@@ -12,7 +12,7 @@ import generate
 from config import TrainConfig
 from errors import UserError, run_main
 from helpers import hf_gpt2
-from model import GPT
+from model import GPT, build_model
 from tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -270,7 +270,7 @@ def test_modern_exports_as_qwen3_with_equal_logits_and_greedy_tokens(tmp_path, t
     ranks = str(tmp_path / "tiny.tiktoken")
     enc = train_tokenizer(["Once upon a time a cat sat. The dog ran home, and the sun was warm.\n"] * 50, 300, ranks)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=enc.n_vocab,
+    model = build_model(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=enc.n_vocab,
                           tie_embeddings=tied, rope_theta=5000.0)).eval()
     for p in model.parameters():  # zero-initialised projections would hide mistakes
         p.normal_(0, 0.1)

@@ -21,15 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-import dataloader
+import shards
 import export_hf
 import markov
 import train
-from dataloader import read_shard, write_shard
+from shards import read_shard, write_shard
 from errors import UserError, run_main
 from helpers import (TINY, Exploit, assert_one_line_error, corrupt, in_process, make_docs, read_log, run_cli,
                      run_train, start_train, write_jsonl)
-from run_folder import CKPT_RE
 
 
 def complete_checkpoints(out: Path) -> list[str]:
@@ -64,7 +63,7 @@ def kill_during_a_save(out: Path, *flags, timeout: float = 120):
     try:
         while caught is None and proc.poll() is None and time.time() < deadline:
             names = files_in(out)
-            if any(CKPT_RE.match(n) for n in names):
+            if any(checkpoint.NAME_RE.match(n) for n in names):
                 tmp = next((n for n in names if n.startswith(".ckpt_") and ".tmp-" in n), None)
                 if tmp and files_in(out / tmp):
                     proc.send_signal(signal.SIGKILL)
@@ -227,7 +226,7 @@ def test_injected_full_disk_while_writing_a_shard(tmp_path, monkeypatch):
     with monkeypatch.context() as m, pytest.raises(
             UserError, match=r"cannot write shard .*train_000001.bin: No space left on device; make room and rerun "
                              r"prepare_data.py"):
-        m.setattr(dataloader, "open", FullDisk, raising=False)
+        m.setattr(shards, "open", FullDisk, raising=False)
         write_shard(str(tmp_path / "train_000001.bin"), np.arange(100, dtype=np.uint16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_000000.bin"]  # no half shard, no .tmp
     assert np.array_equal(read_shard(str(first)), np.arange(100))

@@ -86,7 +86,7 @@ def test_consolidated_weights_give_the_sharded_models_logits(markov_dir, fsdp_ru
     out, _ = fsdp_run
     model, _ = checkpoint.load_model(str(out / "ckpt_0000008"))
     from dataloader import DataLoader
-    from hooks import evaluate_loss
+    from evaluate import evaluate_loss
 
     # The run's evaluation: 2 ranks x 2 batches of 2 windows; here the same 8 windows as 2 batches of 4.
     plain = evaluate_loss(model, DataLoader(markov_dir, "val", 4, 32), 2, torch.device("cpu"), torch.float32)

@@ -15,7 +15,7 @@ import hellaswag
 from config import GPTConfig
 from errors import UserError
 from helpers import TORCHRUN, assert_one_line_error, hf_gpt2, perturb, run_cli, shared_data, write_jsonl
-from model import GPT
+from model import CausalLM, build_model
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_matches_transformers_candidate_by_candidate(hf_gpt2_dir, enc, real_exam
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
 def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples, arch):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, arch=arch)).eval()  # most rows exceed 48
+    model = build_model(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, arch=arch)).eval()  # most rows exceed 48
     if arch == "modern":  # its blocks start as the identity, which would hide a wrong mask
         perturb(model)
     examples = real_examples[:8]
@@ -86,9 +86,9 @@ def test_plain_baseline_agrees_and_long_contexts_are_cut(enc, real_examples, arc
     assert torch.equal(counts, plain_counts)
 
 
-def unigram_model(preferred: set) -> GPT:
+def unigram_model(preferred: set) -> CausalLM:
     """A model that ignores its input and gives the preferred tokens logit 30, every other token 0."""
-    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)).eval()
+    model = build_model(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)).eval()
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()  # the final hidden state is then ln_f's bias, whatever came in
         model.transformer.ln_f.bias.copy_(torch.eye(8)[0])
@@ -221,7 +221,7 @@ def test_cli_scores_a_modern_checkpoint_as_transformers_scores_its_qwen3_export(
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = perturb(GPT(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=128)))
+    model = perturb(build_model(GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=128)))
     ckpt = checkpoint.save_checkpoint(str(tmp_path / "run"), 1, model, str(gpt2_tiktoken))
     out = tmp_path / "result.json"
     proc = run_cli("hellaswag.py", "--checkpoint", tmp_path / "run", "--data", hellaswag_file, "--limit", 6,

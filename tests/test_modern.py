@@ -5,7 +5,7 @@ from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 from config import GPTConfig, TrainConfig, check_values
 from errors import UserError
-from model import RMSNorm, apply_rotary, rotary_cos_sin
+from modern import RMSNorm, apply_rotary, rotary_cos_sin
 
 
 def test_rmsnorm_equals_qwen3():
@@ -38,11 +38,11 @@ def test_unknown_arch_is_one_line():
 
 
 def test_modern_logits_equal_qwen3():
-    from model import GPT
+    from model import build_model
 
     cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=128)
     torch.manual_seed(0)
-    ours = GPT(cfg).eval()
+    ours = build_model(cfg).eval()
     for p in ours.parameters():  # zero-initialised projections would hide mistakes
         p.data.normal_(0, 0.1)
     theirs = qwen3.Qwen3ForCausalLM(qwen3.Qwen3Config(
@@ -56,10 +56,10 @@ def test_modern_logits_equal_qwen3():
 
 
 def random_modern(seed=0, **overrides):
-    from model import GPT
+    from model import build_model
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**dict(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100),
+    model = build_model(GPTConfig(**{**dict(arch="modern", n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100),
                              **overrides})).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
@@ -108,7 +108,7 @@ def test_modern_checkpoint_round_trip(tmp_path, tied):
 
 def test_modern_presets_within_5_percent_of_gpt2_and_count_params_exact():
     from config import PRESETS
-    from model import GPT, count_params
+    from model import build_model, count_params
 
     for gpt2, modern in (("gpt2", "modern-124m"), ("gpt2-medium", "modern-350m"), ("gpt2-large", "modern-774m"),
                          ("gpt2-xl", "modern-1558m")):
@@ -117,7 +117,7 @@ def test_modern_presets_within_5_percent_of_gpt2_and_count_params_exact():
     for tied in (True, False):
         cfg = GPTConfig(arch="modern", n_layer=2, n_head=4, n_embd=64, vocab_size=128, pad_vocab_multiple=1,
                         tie_embeddings=tied)
-        assert count_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+        assert count_params(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def test_untied_gpt2_is_one_line():

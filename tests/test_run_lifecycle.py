@@ -14,7 +14,7 @@ import pytest
 import checkpoint
 import markov
 from helpers import COMMON, REPO, assert_one_line_error, cut_back_to, read_log, run_train, start_train
-from run_folder import find_checkpoint
+from checkpoint import find_checkpoint
 
 
 def steps_of(out: Path) -> list[int]:
@@ -40,7 +40,7 @@ def test_a_failing_hook_saves_the_step_it_ran_after(tmp_path):
     markov.write_data(tmp_path / "data", n_train=20_000, n_val=5_000)
     # The val split holds a token beyond the vocabulary: the first evaluation (step 3) fails on it.
     val = tmp_path / "data" / "val_000000.bin"
-    from dataloader import read_shard, write_shard
+    from shards import read_shard, write_shard
 
     tokens = read_shard(str(val)).copy()
     tokens[5] = 99

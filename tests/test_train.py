@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import markov
-from config import GPTConfig, TrainConfig
+from config import GPTConfig, TrainConfig, fill_schedule_defaults
 from errors import UserError
 from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, read_log, run_train, start_train
-from model import GPT
+from model import build_model
 from optimizer import build_optimizer, load_optimizer_state
 from schedule import lr_at
 from train import grad_accum_steps, train_step
@@ -122,7 +122,8 @@ def test_lr_schedule_matches_its_definition():
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert lr_at(60, TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110)) == pytest.approx(0.55)
+    assert lr_at(60, fill_schedule_defaults(TrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110))) == \
+        pytest.approx(0.55)
 
 
 def names_of(model, params) -> set:
@@ -132,7 +133,7 @@ def names_of(model, params) -> set:
 
 def test_weight_decay_only_on_matrices_and_embeddings():
     """GPT-2's recipe as nanoGPT has it: the embeddings and the Linear weights decay, LayerNorms and biases do not."""
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -149,7 +150,7 @@ def test_weight_decay_only_on_matrices_and_embeddings():
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    model = GPT(GPTConfig(arch="modern", tie_embeddings=False, n_layer=1, n_head=2, n_embd=32, block_size=16,
+    model = build_model(GPTConfig(arch="modern", tie_embeddings=False, n_layer=1, n_head=2, n_embd=32, block_size=16,
                           vocab_size=64))
     opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=4e-3),
                           torch.device("cpu"))
@@ -171,8 +172,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 
 def test_muon_on_gpt2_leaves_its_embeddings_and_biases_to_adamw():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    muon, adamw = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).parts
+    model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    muon, adamw = build_optimizer(model, fill_schedule_defaults(TrainConfig(optimizer="muon")), torch.device("cpu")).parts
     assert names_of(model, muon.param_groups[0]["params"]) == {
         "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
         "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
@@ -182,7 +183,7 @@ def test_muon_on_gpt2_leaves_its_embeddings_and_biases_to_adamw():
 
 def test_the_schedule_scales_each_group_from_its_own_peak():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model = build_model(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=2e-2),
                           torch.device("cpu"))
     x = torch.randint(0, 64, (2, 16))
@@ -192,7 +193,7 @@ def test_the_schedule_scales_each_group_from_its_own_peak():
 
 def test_a_resumed_optimizer_keeps_the_moments_and_takes_this_runs_settings():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model = build_model(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     x = torch.randint(0, 64, (2, 16))
     saved = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=1e-2), torch.device("cpu"))
     train_step(model, saved, iter([(x, x)]), 1, 1e-3, 1.0, torch.float32)

@@ -1,15 +1,12 @@
-"""Where and how the math runs: device and dtype choice, autocast, and torchrun's process group.
+"""Where and how the math runs: the device, the autocast dtype, matmul settings and the device's peak FLOP/s.
 
 Each choice lives in one function here so every script makes it the same way.
 """
 import contextlib
-import os
-import signal
+import sys
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from errors import UserError
 
@@ -115,106 +112,13 @@ def configure_matmul(device: torch.device):
         torch.backends.cudnn.allow_tf32 = True
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_name: str = "auto") -> Dist:
-    """One process, or one of torchrun's: NCCL with a GPU per process on CUDA, gloo on CPU (same logic, testable)."""
-    if "RANK" not in os.environ:
-        device = pick_device(device_name)
-        if device.type == "cuda":  # cuda:N: kernels, caches and flash attention must run on N, not on GPU 0
-            torch.cuda.set_device(device)
-        return Dist(device=device)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(device_name)
+def peak_memory(device: torch.device) -> float:
+    """Peak memory of this process so far, in bytes: CUDA's allocator peak on a GPU, the peak RSS elsewhere."""
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-    else:
-        dist.init_process_group(backend="gloo")
-    return Dist(rank, local_rank, world, device)
-
-
-MAX = dist.ReduceOp.MAX
-
-
-def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In place across processes when distributed; a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def any_rank(device: torch.device, *flags) -> list[bool]:
-    """Each flag (a bool, or a 0-d tensor on device) true if it is true on any process: one collective for all.
-    The values travel on device, as NCCL needs."""
-    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in flags])
-    return [bool(v) for v in all_reduce(values, op=MAX).tolist()]
-
-
-def teardown_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's obj on every rank (a picklable Python object); obj itself in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class StopFlag:
-    """SIGTERM (a preempted cloud job) or Ctrl-C: the loop finishes its step, saves a checkpoint and exits."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -1,0 +1,229 @@
+"""Many processes as one run: torchrun's process group, the collectives every rank reaches in the same order, the
+per-rank RNG streams, and how the model is wrapped for them: --parallel ddp (DistributedDataParallel, a whole
+copy per rank) or --parallel fsdp (torch's FSDP2: parameters, gradients and optimizer states sharded).
+
+DDP keeps a whole copy of the model, its gradients and both AdamW moments on every rank: 16 bytes per parameter.
+FSDP keeps 16 / world_size and gathers each block's weights just before it runs. In a single process every
+collective here is a no-op, so the scripts call them unconditionally.
+"""
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hardware import pick_device
+from errors import UserError, first_line
+
+
+@dataclass
+class World:
+    """This process's place among the run's processes: rank, rank on its node, how many, and its device."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_name: str = "auto", timeout_minutes: float = 30) -> World:
+    """One process, or one of torchrun's: NCCL with a GPU per process on CUDA, gloo on CPU (same logic, testable).
+    timeout_minutes: how long a collective waits for the slowest rank before the job fails (see --dist-timeout)."""
+    if "RANK" not in os.environ:
+        device = pick_device(device_name)
+        if device.type == "cuda":  # cuda:N: kernels, caches and flash attention must run on N, not on GPU 0
+            torch.cuda.set_device(device)
+        return World(device=device)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(device_name)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+    else:
+        dist.init_process_group(backend="gloo", timeout=timeout)
+    return World(rank, local_rank, world, device)
+
+
+def teardown():
+    if _initialized():
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# ---- collectives: every rank calls each of them, in the same order
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place across processes when distributed; a no-op in a single process."""
+    if _initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def any_rank(device: torch.device, *flags) -> list[bool]:
+    """Each flag (a bool, or a 0-d tensor on device) true if it is true on any process: one collective for all.
+    The values travel on device, as NCCL needs."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in flags])
+    return [bool(v) for v in all_reduce(values, op=dist.ReduceOp.MAX).tolist()]
+
+
+def barrier():
+    if _initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (a picklable Python object); obj itself in a single process."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if not _initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---- RNG streams, one per rank
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- the model across ranks
+
+def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.dtype,
+         compile_on: bool) -> torch.nn.Module:
+    """What forward and backward run through: raw_model itself, compiled, DDP-wrapped, or sharded in place (FSDP)."""
+    if parallel == "fsdp":
+        if not _initialized():
+            raise UserError("--parallel fsdp shards over the processes of torchrun; start it with torchrun (even "
+                            "--nproc_per_node=1), or leave --parallel at ddp for one process")
+        return shard(raw_model, world.device, world.world_size, dtype, compile_on)
+    model = torch.compile(raw_model) if compile_on else raw_model
+    if world.enabled:
+        model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    return model
+
+
+def gradient_sync(model, last_micro_step: bool):
+    """Gradients are reduced across ranks once per step, on the last micro step only."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if last_micro_step else model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last_micro_step)
+    return contextlib.nullcontext()
+
+
+def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: torch.dtype, compile_on: bool):
+    """Wrap each transformer block, then the root (the embedding, the head, tied or not, and the final norm), in place.
+
+    Mixed precision as under DDP: float32 master weights and gradient reduction, compute in `dtype` (the loop's
+    autocast still keeps softmax, norms and the loss in float32)."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        if compile_on:  # compile per block: the collectives between blocks stay outside the graphs
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def local_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its shards under FSDP, everything otherwise."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The root's own parameters (embeddings, head, final norm) whole, for code that calls the model's parts
+    directly (generation, the packed HellaSwag scorer) instead of forward(); the blocks gather themselves as they
+    run. Every rank must enter it: the gathering is a collective."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        # Eager here: compiled blocks would recompile for every new length that decoding and scoring feed them.
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.reshard()
+
+
+def full_weights(model) -> dict:
+    """The whole state dict on CPU at rank 0 (empty on the others): a collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---- failures on some ranks only
+
+def agree(error: Optional[BaseException]) -> Optional[BaseException]:
+    """After work that may fail on some ranks only (a log write on a full disk, an out-of-memory in one GPU's
+    evaluation), every rank calls this before the next collective: it returns this rank's error, or one naming
+    the rank that failed and why, or None on every rank alike. So ranks never part ways: all take the same path,
+    and the step's checkpoint can still be saved."""
+    report = None if error is None else f"{type(error).__name__}: {first_line(error)}"
+    failed = [(rank, r) for rank, r in enumerate(gather_objects(report)) if r is not None]
+    if not failed:
+        return None
+    if error is not None:
+        return error
+    rank, report = failed[0]
+    return RankFailure(f"rank {rank} failed: {report}")
+
+
+def attempt(fn, *args) -> Optional[BaseException]:
+    """fn(*args) on this rank, then agree(): None if it succeeded on every rank."""
+    try:
+        fn(*args)
+        error = None
+    except Exception as e:  # noqa: BLE001 (any failure: the ranks must hear of it before they part ways)
+        error = e
+    return agree(error)
+
+
+class RankFailure(UserError):
+    """Work failed on another rank; its message names the rank and the cause."""
