@@ -3,9 +3,10 @@
 prepare_data.py writes each document as <|endoftext|> followed by its tokens, so a document starts at an eot: the
 eot is its first token (a beginning-of-sequence marker at position 0), and the last token before it ends the
 previous document, whose final target is that eot. Tokens before a window's first eot are the tail of a document
-that began in an earlier window; they are a document of their own, at positions from 0 (as in modded-nanogpt and
-torchtitan). With the mask, no token attends across a document boundary and positions restart at each document,
-so every document in a window is computed exactly as if it ran alone.
+that began in an earlier window; they are a document of their own, at positions from 0. With the mask, no token
+attends across a document boundary and positions restart at each document, so every document in a window is
+computed exactly as if it ran alone. (Rotary scores depend only on the distance between two tokens: for --arch
+modern the mask alone would do, and the restart changes only rounding.)
 """
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -34,7 +35,7 @@ def dense_mask(ids: torch.Tensor) -> torch.Tensor:
 
 def block_mask(ids: torch.Tensor) -> BlockMask:
     """The same mask for FlexAttention: tiles wholly outside a document or above the diagonal are skipped, so
-    attention costs only the sum of the documents' squares, not the window's."""
+    attention costs about the documents' own triangles, not the window's."""
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (ids[b, q] == ids[b, kv])
 
