@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import documents
+import markov
 import train
 from helpers import TINY, assert_one_line_error, in_process, read_log, run_train
 
@@ -70,7 +71,15 @@ def test_training_with_doc_mask_runs_saves_it_and_resume_checks_it(tmp_path, mar
     assert_one_line_error(refused, "doc_mask: True there, False now")
 
 
-def test_an_eot_token_other_than_the_datas_is_one_line(tmp_path, markov_dir, monkeypatch, capsys):
-    result = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", markov_dir, "--out-dir", tmp_path / "out",
-                        "--max-steps", 1, "--doc-mask", "--eot-token", 3)
-    assert_one_line_error(result, "--eot-token 3 disagrees", "meta.json")
+@pytest.mark.parametrize("flags, meta, message", [
+    (["--eot-token", 3], {}, "--eot-token 3 disagrees"),
+    ([], {"eot": None}, "names no \"eot\" token"),
+])
+def test_doc_mask_without_the_datas_eot_is_one_line(tmp_path, monkeypatch, capsys, flags, meta, message):
+    markov.write_data(tmp_path / "data", n_train=5_000, n_val=2_000)
+    path = tmp_path / "data" / "meta.json"
+    written = {**json.loads(path.read_text()), **meta}
+    path.write_text(json.dumps({k: v for k, v in written.items() if v is not None}))
+    result = in_process(monkeypatch, capsys, train, *TINY, "--data-dir", tmp_path / "data", "--out-dir",
+                        tmp_path / "out", "--max-steps", 1, "--doc-mask", *flags)
+    assert_one_line_error(result, message, "meta.json")
