@@ -42,7 +42,7 @@ import plot
 import hardware
 from atomic import write_file
 from config import PRESETS, GPTConfig, TrainConfig, fill_schedule_defaults
-from dataloader import DataLoader, DeviceBatches
+from dataloader import DataLoader, DeviceBatches, read_data_meta
 from errors import UserError, run_main
 from evaluate import evaluate_loss
 from model import GPT, estimate_mfu
@@ -156,6 +156,16 @@ class Bench:
             self.memo["markov"] = str(folder)
         return self.memo["markov"]
 
+    def tinytales_data(self, tokens: int) -> Path:
+        """A data folder of about `tokens` tokens of tinytales with its own tokenizer, as prepare_data.py makes it:
+        documents of a few hundred tokens, each after an <|endoftext|>."""
+        if ("tinytales", tokens) not in self.memo:
+            folder = self.tmp / f"tinytales-{tokens}"
+            run([sys.executable, "prepare_data.py", "--dataset", "tinytales", "--out", str(folder),
+                 "--tinytales-tokens", str(tokens), "--val-tokens", "50000"])
+            self.memo[("tinytales", tokens)] = folder
+        return self.memo[("tinytales", tokens)]
+
     def gpt2_tokenizer(self) -> str:
         """GPT-2's ranks from the shared data folder when present (offline), else tiktoken's (downloaded once)."""
         path = SHARED_DATA / "gpt2.tiktoken"
@@ -174,16 +184,18 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
 
 
 class Trainer:
-    """One setting (dtype, compile) of one model: step() is train.py's train_step, micro batch = batch."""
+    """One setting (dtype, compile) of one model: step() is train.py's train_step, micro batch = batch, on the
+    Markov data unless given a data folder."""
 
-    def __init__(self, b: Bench, cfg: GPTConfig, batch: int, init: dict, dtype, compile_on: bool, tcfg):
-        self.b, self.dtype, self.tcfg = b, dtype, tcfg
+    def __init__(self, b: Bench, cfg: GPTConfig, batch: int, init: dict, dtype, compile_on: bool, tcfg,
+                 data: Optional[str] = None):
+        self.b, self.dtype, self.tcfg, self.data = b, dtype, tcfg, data or b.markov_data()
         self.raw = GPT(cfg).to(b.device)
         self.raw.load_state_dict(init)
         self.model = torch.compile(self.raw) if compile_on else self.raw
         self.optimizer = build_optimizer(self.raw, tcfg, b.device)
         self.batch, self.block_size = batch, cfg.block_size
-        self.batches = DeviceBatches(DataLoader(b.markov_data(), "train", batch, cfg.block_size), b.device)
+        self.batches = DeviceBatches(DataLoader(self.data, "train", batch, cfg.block_size), b.device)
         self.step_count = 0
 
     def step(self):
@@ -193,7 +205,7 @@ class Trainer:
         return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 
     def val_loss(self) -> float:
-        loader = DataLoader(self.b.markov_data(), "val", self.batch, self.block_size)
+        loader = DataLoader(self.data, "val", self.batch, self.block_size)
         return evaluate_loss(self.raw, loader, 4, self.b.device, torch.float32)  # fp32 for every setting
 
 
@@ -595,9 +607,7 @@ BASELINE, CANDIDATE = "gpt2 + AdamW", "modern + Muon"
 def recipe_corpora(b: Bench) -> dict:
     """{name: prepared data folder}: tinytales with its own tokenizer, and real English (HellaSwag's contexts with
     their right endings, GPT-2's tokens) when ../shared/data has it."""
-    corpora = {"tinytales": b.tmp / "recipe-tinytales"}
-    run([sys.executable, "prepare_data.py", "--dataset", "tinytales", "--out", str(corpora["tinytales"]),
-         "--tinytales-tokens", str(b.q(2_000_000, 200_000)), "--val-tokens", "50000"])
+    corpora = {"tinytales": b.tinytales_data(b.q(2_000_000, 200_000))}
     source, ranks = SHARED_DATA / "hellaswag_val.jsonl.gz", SHARED_DATA / "gpt2.tiktoken"
     if not (source.is_file() and ranks.is_file()):
         print(f"recipe: real English skipped ({source} or {ranks} is absent)", flush=True)
@@ -694,6 +704,36 @@ def plot_recipe(curves: dict, steps: int, path: str):
         ax.legend()
     plot.save_png(fig, path)
 
+
+# ---------------------------------------------------------------- 10. --doc-mask
+
+def bench_docmask(b: Bench):
+    """train.py's step on the tiny preset with --doc-mask against without, same init and batches, in train.py's
+    default dtype and compile setting: on a CPU the boolean mask through scaled_dot_product_attention, on CUDA
+    FlexAttention under compile."""
+    fields, batch = train_shapes(b)["tiny preset"]
+    data = str(b.tinytales_data(b.q(1_000_000, 200_000)))  # the tiny preset's own corpus
+    meta = read_data_meta(data)
+    fields, eot = dict(fields, vocab_size=meta["vocab_size"]), meta["eot"]
+    dtype, compile_on = hardware.pick_dtype("auto", b.device), b.device.type == "cuda"
+    tcfg = fill_schedule_defaults(TrainConfig(learning_rate=1e-3, warmup_steps=5))
+    torch.manual_seed(0)
+    init = GPT(GPTConfig(**fields)).state_dict()
+    trainers = {mask: Trainer(b, GPTConfig(**fields, doc_mask=mask, eot_token=eot), batch, init, dtype, compile_on,
+                              tcfg, data) for mask in (False, True)}
+    stats = b.interleaved({mask: t.step for mask, t in trainers.items()}, *b.q((3, 20), (1, 3)))
+    tokens = batch * fields["block_size"]
+    x, _ = DataLoader(data, "train", batch, fields["block_size"]).next_batch()
+    setting = (f"{batch} x {fields['block_size']} tokens, {DTYPE_NAMES[dtype]}, "
+               f"{'compiled' if compile_on else 'eager'}")
+    base = stats[False].rate(tokens)
+    yield Row("tiny preset: plain causal attention (baseline)", f"{num(base)} tok/s", stats[False].spread(tokens),
+              setting)
+    yield Row("tiny preset: --doc-mask", f"{num(stats[True].rate(tokens))} tok/s", stats[True].spread(tokens),
+              f"tinytales: {(x == eot).sum().item() / batch + 1:.1f} documents per window",
+              f"{stats[True].rate(tokens) / base:.2f}x")
+
+
 # ---------------------------------------------------------------- the report
 
 SECTIONS = {  # name: (title, function)
@@ -706,6 +746,7 @@ SECTIONS = {  # name: (title, function)
     "nanogpt": ("train.py against nanoGPT", bench_nanogpt),
     "stepmem": ("Peak memory of one training step", bench_stepmem),
     "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
+    "docmask": ("--doc-mask: a training step with the document mask", bench_docmask),
 }
 OPT_IN = ("recipe",)  # half an hour on the 2-core dev CPU: only when named in --only
 

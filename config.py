@@ -31,6 +31,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # modern only
     norm_eps: float = 1e-6  # modern only: RMSNorm epsilon (Qwen3's default)
     tie_embeddings: bool = True  # the head is the embedding, as GPT-2; false (modern only) gives it its own matrix
+    doc_mask: bool = False  # attention never crosses <|endoftext|> in a packed window; positions restart there
+    eot_token: Optional[int] = None  # the data's <|endoftext|> id; train.py takes it from meta.json for --doc-mask
 
     @property
     def padded_vocab_size(self) -> int:
@@ -98,13 +100,22 @@ class RunOptions:
 def resolve(model_cfg: GPTConfig, cfg: TrainConfig, explicit: set, data_meta: dict,
             device_type: str) -> tuple[GPTConfig, TrainConfig]:
     """Every default that depends on something else, decided once before step 1: the vocabulary is the data's
-    (a preset's yields; an explicit --vocab-size must agree), shuffle is what meta.json asks for, compile is on
-    for CUDA, and the schedule's and Muon's learning rates (fill_schedule_defaults)."""
+    (a preset's yields; an explicit --vocab-size must agree), so is --doc-mask's <|endoftext|> (an error if meta.json
+    names none), shuffle is what meta.json asks for, compile is on for CUDA, and the schedule's and Muon's learning
+    rates (fill_schedule_defaults)."""
     if "vocab_size" in explicit and model_cfg.vocab_size != data_meta["vocab_size"]:
         raise UserError(f"--vocab-size {model_cfg.vocab_size} disagrees with the data's tokenizer "
                         f"({data_meta['vocab_size']} tokens, {cfg.data_dir}/meta.json); drop the flag or prepare the "
                         f"data with the tokenizer you mean")
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data_meta["vocab_size"])
+    if model_cfg.doc_mask:
+        if "eot" not in data_meta:
+            raise UserError(f"--doc-mask splits windows at <|endoftext|>, but {cfg.data_dir}/meta.json names no "
+                            f"\"eot\" token; prepare the data again with prepare_data.py")
+        if "eot_token" in explicit and model_cfg.eot_token != data_meta["eot"]:
+            raise UserError(f"--eot-token {model_cfg.eot_token} disagrees with the data's <|endoftext|> "
+                            f"({data_meta['eot']}, {cfg.data_dir}/meta.json); drop the flag")
+        model_cfg = dataclasses.replace(model_cfg, eot_token=data_meta["eot"])
     cfg = dataclasses.replace(
         fill_schedule_defaults(cfg),
         shuffle=bool(data_meta.get("shuffle", False)) if cfg.shuffle is None else cfg.shuffle,

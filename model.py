@@ -13,7 +13,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import documents
 from config import GPTConfig, count_params
 from errors import UserError
 from head_loss import head_loss
@@ -39,7 +41,12 @@ class KVCache:
 
 
 def attend(q, k, v, layer: int, cache: Optional[KVCache], attn_mask, dropout_p: float):
-    """Attention of (B, n_head, T, head_dim) queries over the cached keys plus these; writes k, v into the cache."""
+    """Attention of (B, n_head, T, head_dim) queries over the cached keys plus these; writes k, v into the cache.
+    attn_mask: boolean (B or 1, 1, T, keys), or documents.py's FlexAttention BlockMask (no cache, no dropout)."""
+    if isinstance(attn_mask, BlockMask):
+        # Under autocast modern's q and k leave their float32 norms beside a bf16 v. scaled_dot_product_attention
+        # casts all three to bf16; flex_attention needs one dtype, and older torch releases do not autocast it.
+        return flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=attn_mask)
     T = q.shape[2]
     is_causal = attn_mask is None and T > 1
     if cache is not None:
@@ -136,8 +143,12 @@ class CausalLM(nn.Module):
 
     def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
         """(logits, None) without targets; (None, mean cross-entropy) with them, never holding the whole batch's
-        logits (see head_loss.py). Targets of -1 are ignored."""
-        h = self.hidden(idx, cache)
+        logits (see head_loss.py). Targets of -1 are ignored. With doc_mask, each document of a packed window is
+        computed as if alone (documents.py); a KV cache holds one document, so decoding goes on unmasked."""
+        positions = attn_mask = None
+        if self.config.doc_mask and cache is None:
+            positions, attn_mask = documents.layout(idx, self.config.eot_token, self.training and self.config.dropout > 0)
+        h = self.hidden(idx, cache, positions, attn_mask)
         if targets is None:
             return self.logits(h), None
         return None, head_loss(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
