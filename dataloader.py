@@ -27,45 +27,26 @@ def read_data_meta(data_dir: str) -> dict:
     return meta
 
 
-class DataLoader:
-    """Streams (x, y) batches of B windows of T tokens (+1 for the targets) from the shards of one split, forever.
+class WindowSequence:
+    """Streams (x, y) batches of B windows of T tokens (+1 for the targets) from one global sequence of windows,
+    forever; a subclass says what window g is (window()).
 
-    The windows form one global sequence: an epoch is every shard's windows, in order or (shuffle_seed set) in a
-    permutation over all shards seeded by (shuffle_seed, epoch), and epochs repeat. Rank r of w takes windows
-    G + r*B ... G + r*B + B-1 and G advances by w*B, so the ranks of one step together read what a single process
-    reads in w calls. The position G counts windows, not batches: a resumed run with another batch size or
-    another number of processes continues at the same token.
+    Rank r of w takes windows G + r*B ... G + r*B + B-1 and G advances by w*B, so the ranks of one step together
+    read what a single process reads in w calls. The position G counts windows, not batches: a resumed run with
+    another batch size or another number of processes continues at the same token.
     """
 
-    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, shuffle_seed=None,
-                 vocab_size=None):
-        if not os.path.isdir(data_dir):
-            raise UserError(f"data folder {data_dir} does not exist; run prepare_data.py to create it")
-        self.paths = shard_paths(data_dir, split)
-        if not self.paths:
-            raise UserError(f"no {split}_*.bin shards in {data_dir}; run prepare_data.py to create them")
-        self.shards = [read_shard(p) for p in self.paths]
+    def __init__(self, batch_size, block_size, rank=0, world_size=1):
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size = rank, world_size
-        self.shuffle_seed, self.vocab_size = shuffle_seed, vocab_size
-        # The +1 is the target of a window's last position; a shard's tokens beyond its last window go unused.
-        self.windows_per_shard = np.array([max(0, len(s) - 1) // self.T for s in self.shards])
-        self.window_starts = np.concatenate([[0], np.cumsum(self.windows_per_shard)])
-        self.windows_per_epoch = int(self.window_starts[-1])
-        if self.windows_per_epoch < self.B:
-            n_tokens = sum(len(s) for s in self.shards)
-            raise UserError(f"the {split} split in {data_dir} has {n_tokens} tokens, fewer than one batch of "
-                            f"batch_size windows of block_size+1 = {self.B} x {self.T + 1}; lower --batch-size or "
-                            f"--block-size, or prepare more data (--val-tokens for the val split)")
-        self._order = (None, None)  # (epoch, permutation) of the last shuffled epoch used
         self.next_window = 0
+
+    def window(self, index: int) -> np.ndarray:
+        """The T + 1 tokens of window `index` of the global sequence."""
+        raise NotImplementedError
 
     def reset(self):
         self.next_window = 0
-
-    def identity(self) -> list:
-        """What the data is, whatever folder it sits in: each shard's name and token count."""
-        return [[os.path.basename(p), len(s)] for p, s in zip(self.paths, self.shards)]
 
     def state_dict(self) -> dict:
         """The position in tokens of the global sequence: independent of batch size and world size."""
@@ -87,15 +68,46 @@ class DataLoader:
 
         first = self.next_window + self.rank * self.B
         self.next_window += self.world_size * self.B
-        rows = np.empty((self.B, self.T + 1), dtype=np.int64)
-        for i in range(self.B):
-            shard, start = self._locate(first + i)
-            rows[i] = self.shards[shard][start:start + self.T + 1]
-            if self.vocab_size is not None and rows[i].max() >= self.vocab_size:
-                raise UserError(f"token id {rows[i].max()} >= vocab size {self.vocab_size} in {self.paths[shard]}: "
-                                f"the data was prepared with a different tokenizer")
-        rows = torch.from_numpy(rows)
+        rows = torch.from_numpy(np.stack([self.window(first + i) for i in range(self.B)]).astype(np.int64))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class DataLoader(WindowSequence):
+    """The windows of one data folder's split: an epoch is every shard's windows, in order or (shuffle_seed set) in
+    a permutation over all shards seeded by (shuffle_seed, epoch), and epochs repeat."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, shuffle_seed=None,
+                 vocab_size=None):
+        super().__init__(batch_size, block_size, rank, world_size)
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data folder {data_dir} does not exist; run prepare_data.py to create it")
+        self.paths = shard_paths(data_dir, split)
+        if not self.paths:
+            raise UserError(f"no {split}_*.bin shards in {data_dir}; run prepare_data.py to create them")
+        self.shards = [read_shard(p) for p in self.paths]
+        self.shuffle_seed, self.vocab_size = shuffle_seed, vocab_size
+        # The +1 is the target of a window's last position; a shard's tokens beyond its last window go unused.
+        self.windows_per_shard = np.array([max(0, len(s) - 1) // self.T for s in self.shards])
+        self.window_starts = np.concatenate([[0], np.cumsum(self.windows_per_shard)])
+        self.windows_per_epoch = int(self.window_starts[-1])
+        if self.windows_per_epoch < self.B:
+            n_tokens = sum(len(s) for s in self.shards)
+            raise UserError(f"the {split} split in {data_dir} has {n_tokens} tokens, fewer than one batch of "
+                            f"batch_size windows of block_size+1 = {self.B} x {self.T + 1}; lower --batch-size or "
+                            f"--block-size, or prepare more data (--val-tokens for the val split)")
+        self._order = (None, None)  # (epoch, permutation) of the last shuffled epoch used
+
+    def identity(self) -> list:
+        """What the data is, whatever folder it sits in: each shard's name and token count."""
+        return [[os.path.basename(p), len(s)] for p, s in zip(self.paths, self.shards)]
+
+    def window(self, index: int) -> np.ndarray:
+        shard, start = self._locate(index)
+        row = self.shards[shard][start:start + self.T + 1]
+        if self.vocab_size is not None and row.max() >= self.vocab_size:
+            raise UserError(f"token id {row.max()} >= vocab size {self.vocab_size} in {self.paths[shard]}: "
+                            f"the data was prepared with a different tokenizer")
+        return row
 
     def _locate(self, window: int) -> tuple[int, int]:
         """The shard and the token offset of a global window index."""
@@ -117,7 +129,7 @@ class DeviceBatches:
     """The loader's batches on the device, one batch ahead: on CUDA the next batch is copied from pinned memory
     while the current step runs. state_dict() is the position after the batches handed out, not the one held."""
 
-    def __init__(self, loader: DataLoader, device):
+    def __init__(self, loader: WindowSequence, device):
         self.loader, self.device = loader, device
         self._state = loader.state_dict()
         self._next = self._load()

@@ -26,12 +26,13 @@ from tokenizer import load_tokenizer
 
 
 class Evaluator:
-    """The evaluations of one run, with what they need resolved up front. sharded: the model is FSDP-sharded, so
-    every rank runs every forward of HellaSwag and sampling together."""
+    """The evaluations of one run, with what they need resolved up front. val_loaders: (mixture.Source, DataLoader
+    of its val split) for each data folder. sharded: the model is FSDP-sharded, so every rank runs every forward of
+    HellaSwag and sampling together."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: GPTConfig, tokenizer: str, world: distributed.World, dtype,
-                 val_loader, log: RunLog, sharded: bool = False):
-        self.cfg, self.world, self.dtype, self.val_loader, self.log = cfg, world, dtype, val_loader, log
+                 val_loaders: list, log: RunLog, sharded: bool = False):
+        self.cfg, self.world, self.dtype, self.val_loaders, self.log = cfg, world, dtype, val_loaders, log
         self.sharded = sharded
         self.enc = load_tokenizer(tokenizer) if cfg.hellaswag_interval or cfg.sample_interval else None
         if cfg.sample_interval:
@@ -63,14 +64,25 @@ class Evaluator:
         return None
 
     def _val_loss(self, step: int, model) -> Optional[BaseException]:
-        total = torch.zeros((), device=self.world.device)
-        error = distributed.attempt(lambda: total.add_(loss_sum(model, self.val_loader, self.cfg.eval_steps,
-                                                                  self.world.device, self.dtype)))
+        """Each data folder's val loss, and as val_loss their mean weighted as the training mixture is: every
+        folder's local sum first, then one collective for all of them."""
+        totals = torch.zeros(len(self.val_loaders), device=self.world.device)
+
+        def local():
+            for i, (_, loader) in enumerate(self.val_loaders):
+                totals[i] += loss_sum(model, loader, self.cfg.eval_steps, self.world.device, self.dtype)
+        error = distributed.attempt(local)
         if error:
             return error
-        val_loss = (distributed.all_reduce(total) / (self.cfg.eval_steps * self.world.world_size)).item()
-        return distributed.attempt(self.log.write, {"step": step, "val_loss": val_loss},
-                                   f"step {step:6d} | val loss {val_loss:.4f}")
+        means = (distributed.all_reduce(totals) / (self.cfg.eval_steps * self.world.world_size)).tolist()
+        losses = {source.name: loss for (source, _), loss in zip(self.val_loaders, means)}
+        shares = {source.name: source.share for source, _ in self.val_loaders}
+        val_loss = sum(shares[name] * loss for name, loss in losses.items()) / sum(shares.values())
+        line = f"step {step:6d} | val loss {val_loss:.4f}"
+        if len(losses) > 1:
+            line += " (" + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()) + ")"
+        record = {"step": step, "val_loss": val_loss, **{f"val_loss_{n}": v for n, v in losses.items()}}
+        return distributed.attempt(self.log.write, record, line)
 
     def _hellaswag(self, step: int, raw_model) -> Optional[BaseException]:
         counts = []

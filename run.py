@@ -51,7 +51,7 @@ NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 class Run:
     """One training run in cfg.out_dir on this rank: `start` is the checkpoint it resumes from (None: fresh),
-    `log` its RunLog. data is the training data's identity (DataLoader.identity): a resume checks it and every
+    `log` its RunLog. data is the training data's identity (Mixture.identity): a resume checks it and every
     save records it."""
 
     def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distributed.World,
@@ -277,8 +277,10 @@ def check_resume(ckpt: str, state: dict, model_cfg: GPTConfig, cfg: TrainConfig,
                         f"optimizer state does not fit another optimizer. Use --optimizer {saved.optimizer}, or start "
                         f"a new --out-dir")
     if state.get("data", data) != data:
+        weights = f" weighted {saved.data_weights}" if saved.data_weights else ""
         raise UserError(f"--resume: the training data in {cfg.data_dir} is not the data {ckpt} was trained on "
-                        f"(shards or their sizes differ; it read {saved.data_dir}); point --data-dir at that data")
+                        f"(folders, weights, shards or their sizes differ; it read {saved.data_dir}{weights}); point "
+                        f"--data-dir and --data-weights at that data")
     step = state["step"]
     old, new = lrs_at(step, saved), lrs_at(step, cfg)
     if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(old, new)) and not opts.allow_lr_change:

@@ -9,7 +9,7 @@ import base64
 import binascii
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import tiktoken
 
@@ -37,6 +37,18 @@ def load_tokenizer(spec: str) -> tiktoken.Encoding:
                                  special_tokens=special_tokens)
     except ValueError as e:  # e.g. a pat_str that is not a valid regex
         raise UserError(f"{_sidecar(spec)}: {first_line(e)}; fix or delete it")
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two specs (as load_tokenizer takes them) are one tokenizer: the same name, or rank files whose
+    contents, sidecar included, are equal wherever they lie."""
+    if not (Path(a).is_file() and Path(b).is_file()):
+        return a == b
+    return all(_read_or_none(p) == _read_or_none(q) for p, q in ((a, b), (_sidecar(a), _sidecar(b))))
+
+
+def _read_or_none(path) -> Optional[bytes]:
+    return Path(path).read_bytes() if Path(path).is_file() else None
 
 
 def _sidecar(path) -> Path:

@@ -8,6 +8,7 @@
 Every config field is a flag (see --help); a step is one optimizer update of total_batch_size tokens.
 """
 import argparse
+import functools
 import time
 from typing import Optional
 
@@ -17,9 +18,10 @@ import hardware
 import distributed
 from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs, \
     resolve
-from dataloader import DataLoader, DeviceBatches, read_data_meta
+from dataloader import DataLoader, DeviceBatches
 from errors import UserError, run_main
 from evaluate import Evaluator
+from mixture import Mixture, common_meta, parse_sources
 from model import build_model, flops_per_token
 from optimizer import build_optimizer
 from run import Run, StopFlag, due
@@ -43,14 +45,15 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     device, master = world.device, world.is_master
     dtype = hardware.pick_dtype(cfg.dtype, device)
     hardware.configure_matmul(device)
-    meta = read_data_meta(cfg.data_dir)
+    sources = parse_sources(cfg.data_dir, cfg.data_weights)
+    meta = common_meta(sources)
     model_cfg, cfg = resolve(model_cfg, cfg, explicit, meta, device.type)
     accum = grad_accum_steps(cfg, model_cfg.block_size, world.world_size)
-    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, model_cfg.block_size, world.rank,
-                              world.world_size, shuffle_seed=cfg.seed if cfg.shuffle else None,
-                              vocab_size=model_cfg.vocab_size)
-    val_loader = DataLoader(cfg.data_dir, "val", cfg.batch_size, model_cfg.block_size, world.rank, world.world_size,
-                            vocab_size=model_cfg.vocab_size)
+    train_loader = Mixture(sources, "train", cfg.batch_size, model_cfg.block_size, world.rank, world.world_size,
+                           shuffle_seed=cfg.seed if cfg.shuffle else None, vocab_size=model_cfg.vocab_size,
+                           announce=master)
+    val_loaders = [(source, DataLoader(source.folder, "val", cfg.batch_size, model_cfg.block_size, world.rank,
+                                       world.world_size, vocab_size=model_cfg.vocab_size)) for source in sources]
 
     run = Run(model_cfg, cfg, opts, world, meta["tokenizer"], train_loader.identity())  # see run.py for the order
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -60,7 +63,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile)  # what forward/backward run through
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
     run.restore_optimizer(raw_model, optimizer)
-    evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loader, run.log,
+    evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loaders, run.log,
                           sharded=cfg.parallel == "fsdp")
     peak_flops = cfg.peak_flops or hardware.peak_flops(device, dtype)
     stop = StopFlag()
@@ -84,7 +87,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
         nan_seen, stopping = distributed.any_rank(device, nonfinite, stop.signal is not None)
         if nan_seen:
             raise run.nan_error(step)
-        error = log_window(run, step, losses, grad_norm, lr, timer, peak_flops) if logged else None
+        error = log_window(run, step, losses, grad_norm, lr, timer, peak_flops, batches) if logged else None
         error = error or evaluator.maybe_run(step, model, raw_model)
         if error:  # every rank failed alike (distributed.agree): the weights of this step are sound, so save them
             path = run.save(step, raw_model, optimizer, batches)
@@ -126,13 +129,16 @@ def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: floa
     return loss_sum.float() / accum, grad_norm
 
 
-def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: float):
-    """The log line of a window: its mean loss over steps and ranks (a collective every rank reaches), then rank 0's
-    write, which may fail alone (a full disk): the failure, agreed on every rank, or None."""
+def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: float, batches):
+    """The log line of a window: its mean loss over steps and ranks (a collective every rank reaches) and the
+    tokens read from each data folder (batches: the Mixture's position), then rank 0's write, which may fail alone
+    (a full disk): the failure, agreed on every rank, or None."""
     world, model_cfg = run.world, run.model_cfg
     mean_loss = distributed.all_reduce(torch.stack(losses).mean()) / world.world_size
     loss, norm = torch.stack([mean_loss, grad_norm.float()]).tolist()
-    return distributed.attempt(run.log.training, step, loss, norm, lr, timer.per_step(), run.cfg.total_batch_size,
+    source_tokens = {name: p["tokens"] for name, p in batches.state_dict()["sources"].items()}
+    write = functools.partial(run.log.training, source_tokens=source_tokens)
+    return distributed.attempt(write, step, loss, norm, lr, timer.per_step(), run.cfg.total_batch_size,
                                flops_per_token(model_cfg, model_cfg.block_size), peak_flops * world.world_size,
                                hardware.peak_memory(world.device))
 
