@@ -18,10 +18,9 @@ import hardware
 import distributed
 from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs, \
     resolve
-from dataloader import DataLoader, DeviceBatches
+from dataloader import DataLoader, DeviceBatches, Mixture, common_meta, parse_sources
 from errors import UserError, run_main
 from evaluate import Evaluator
-from mixture import Mixture, common_meta, parse_sources
 from model import build_model, flops_per_token
 from optimizer import build_optimizer
 from run import Run, StopFlag, due

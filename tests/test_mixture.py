@@ -16,7 +16,7 @@ from shards import write_shard
 from errors import UserError
 from helpers import (COMMON, TINY, assert_one_line_error, cut_back_to, in_process, read_log, run_train,
                      start_train)
-from mixture import Mixture, common_meta, parse_sources
+from dataloader import Mixture, common_meta, parse_sources
 
 B, T = 2, 4
 BIG, SMALL = 1000, 20_000  # the first token of each folder: a window's tokens say which folder it came from
