@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,16 @@ def start_train(*flags, torchrun: int = 0, **popen) -> subprocess.Popen:
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
     return subprocess.Popen([*launcher, "train.py", *map(str, flags)], cwd=REPO, start_new_session=bool(torchrun),
                             **popen)
+
+
+def kill_once_saved(proc: subprocess.Popen, ckpt: Path, timeout: float = 300):
+    """kill -9 the run proc once ckpt exists (it may have run on a little); fails if the run ended first."""
+    deadline = time.time() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def read_log(out: Path, key: str) -> dict:

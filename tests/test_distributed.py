@@ -3,7 +3,6 @@ step saved and the cause named; sharded sampling whose ranks draw different toke
 lock; a Python without fcntl; the collective timeout; wandb across a resume; the log line's memory and ETA."""
 import datetime
 import errno
-import json
 import os
 import subprocess
 import sys

@@ -1,9 +1,7 @@
-"""mixture.py: several data folders read in proportion to their weights, each through its own epochs, resumed
+"""dataloader.py's Mixture: several data folders read in proportion to their weights, each through its own epochs, resumed
 exactly; and train.py's mixture runs (per-folder tokens and val losses, kill -9 and resume, the inputs refused)."""
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +9,11 @@ import pytest
 
 import markov
 import train
-from dataloader import DataLoader
-from shards import write_shard
+from dataloader import DataLoader, Mixture, common_meta, parse_sources
 from errors import UserError
-from helpers import (COMMON, TINY, assert_one_line_error, cut_back_to, in_process, read_log, run_train,
-                     start_train)
-from dataloader import Mixture, common_meta, parse_sources
+from helpers import (COMMON, TINY, assert_one_line_error, cut_back_to, in_process, kill_once_saved, read_log,
+                     run_train, start_train)
+from shards import write_shard
 
 B, T = 2, 4
 BIG, SMALL = 1000, 20_000  # the first token of each folder: a window's tokens say which folder it came from
@@ -175,12 +172,7 @@ def test_kill_and_resume_of_a_mixture_is_exact(tmp_path, markov_pair, mixed_run)
     tokens read from each folder and the val losses equal the run never stopped, exactly."""
     out = tmp_path / "killed"
     proc = start_train(*MIXED, "--data-dir", markov_pair, "--out-dir", out)
-    deadline = time.time() + 120
-    while not (out / "ckpt_0000015").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(proc, out / "ckpt_0000015", timeout=120)
     run_train(*MIXED, "--data-dir", markov_pair, "--out-dir", out, "--resume")
     for key in ("loss", "source_tokens", "val_loss", "val_loss_small"):
         assert read_log(out, key) == read_log(mixed_run[0], key)

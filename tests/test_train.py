@@ -12,7 +12,8 @@ import torch
 import markov
 from config import GPTConfig, TrainConfig, fill_schedule_defaults
 from errors import UserError
-from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, read_log, run_train, start_train
+from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, kill_once_saved, read_log, run_train, \
+    start_train
 from model import build_model
 from optimizer import build_optimizer, load_optimizer_state
 from schedule import lr_at
@@ -58,12 +59,7 @@ def test_kill_and_resume_is_exact(tmp_path, markov_dir, optimizer):
 
     out = tmp_path / "killed"
     proc = start_train(*common, "--out-dir", out)
-    deadline = time.time() + 120
-    while not (out / "ckpt_0000015").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(proc, out / "ckpt_0000015", timeout=120)
     run_train(*common, "--out-dir", out, "--resume")
     assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")
 
@@ -263,12 +259,7 @@ def test_float32_runs_on_several_threads_are_bitwise_repeatable_and_resume_exact
 
     out = tmp_path / "killed"
     proc = start_train(*common, "--out-dir", out, env=env)
-    deadline = time.time() + 300
-    while not (out / "ckpt_0000040").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(proc, out / "ckpt_0000040", timeout=300)
     cut_back_to(out, 40)  # resume from step 40 whatever the kill let through
     run_train(*common, "--out-dir", out, "--resume", env=env)
     resumed = read_log(out, "loss")
