@@ -1,13 +1,13 @@
 """The optimizers and their parameter groups: AdamW (betas 0.9/0.95, weight decay on matrices and embeddings
-only), or with --optimizer muon, torch.optim.Muon for the blocks' matrices and AdamW for the rest. Every group
+only), or with --optimizer muon, Muon (muon.py) for the blocks' matrices and AdamW for the rest. Every group
 carries lr_scale, its peak learning rate over --learning-rate, which the schedule multiplies (train.train_step).
 cfg is resolved (config.resolve): muon_lr is set.
 """
 import torch
 
 from config import TrainConfig
-from errors import UserError
-from model import CausalLM
+from model import CausalLM, CausalSelfAttention
+from muon import Muon
 
 
 def build_optimizer(model: CausalLM, cfg: TrainConfig, device: torch.device):
@@ -27,14 +27,18 @@ def build_optimizer(model: CausalLM, cfg: TrainConfig, device: torch.device):
                               fused=device.type in ("cuda", "cpu"))
     if not hidden:
         return adamw
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"--optimizer muon needs torch.optim.Muon, new in PyTorch 2.9; this is {torch.__version__}")
     # Moonshot's "Muon is Scalable for LLM Training" (Liu et al. 2025): scaled by 0.2 sqrt(max(rows, cols)), the
     # update has AdamW's typical RMS, so Muon takes AdamW's learning rate and weight decay as they are; momentum
-    # 0.95 with Nesterov as in their paper and Keller Jordan's Muon.
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                            momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate
+    # 0.95 with Nesterov as in their paper and Keller Jordan's Muon. GPT-2's fused c_attn stacks the q, k and v
+    # maps: orthogonalised as three matrices (split=3), as modded-nanogpt does.
+    fused_qkv = {id(m.c_attn.weight) for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    matrices = [p for p in params if id(p) in hidden]
+    groups = [{"params": [p for p in matrices if id(p) not in fused_qkv], "split": 1},
+              {"params": [p for p in matrices if id(p) in fused_qkv], "split": 3}]
+    muon = Muon([g for g in groups if g["params"]], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum)
+    for group in muon.param_groups:
+        group["lr_scale"] = cfg.muon_lr / cfg.learning_rate
     return Optimizers(muon, adamw)
 
 

@@ -15,6 +15,7 @@ from errors import UserError
 from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, kill_once_saved, read_log, run_train, \
     start_train
 from model import build_model
+from muon import Muon
 from optimizer import build_optimizer, load_optimizer_state
 from schedule import lr_at
 from train import grad_accum_steps, train_step
@@ -151,7 +152,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=4e-3),
                           torch.device("cpu"))
     muon, adamw = opt.parts
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     layer = "model.layers.0."
     assert names_of(model, muon.param_groups[0]["params"]) == {
         layer + m for m in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -164,15 +165,18 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
                                                    "self_attn.q_norm.weight", "self_attn.k_norm.weight"))}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert [g["lr_scale"] for g in opt.param_groups] == [4.0, 1.0, 1.0]
-    assert muon.defaults["momentum"] == 0.95 and muon.defaults["adjust_lr_fn"] == "match_rms_adamw"
+    assert muon.defaults["momentum"] == 0.95 and muon.param_groups[0]["split"] == 1
 
 
-def test_muon_on_gpt2_leaves_its_embeddings_and_biases_to_adamw():
+def test_muon_on_gpt2_splits_the_fused_qkv_and_leaves_its_embeddings_and_biases_to_adamw():
     model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-    muon, adamw = build_optimizer(model, fill_schedule_defaults(TrainConfig(optimizer="muon")), torch.device("cpu")).parts
-    assert names_of(model, muon.param_groups[0]["params"]) == {
-        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    muon, adamw = build_optimizer(model, fill_schedule_defaults(TrainConfig(optimizer="muon")),
+                                   torch.device("cpu")).parts
+    matrices, fused_qkv = muon.param_groups
+    assert names_of(model, matrices["params"]) == {
+        "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    assert names_of(model, fused_qkv["params"]) == {"transformer.h.0.attn.c_attn.weight"}
+    assert (matrices["split"], fused_qkv["split"]) == (1, 3)
     assert names_of(model, adamw.param_groups[0]["params"]) == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert len(adamw.param_groups[1]["params"]) == 10  # 2 LayerNorms x 2 + ln_f's 2, and 4 Linear biases
 
