@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import distributed
 import export_hf
 import generate
 import hellaswag
@@ -734,6 +735,81 @@ def bench_docmask(b: Bench):
               f"{stats[True].rate(tokens) / base:.2f}x")
 
 
+# ---------------------------------------------------------------- 11. distributed Muon
+
+MUON_RUNS = {  # name: (processes, optimizer, layout)
+    "torch.optim.Muon, 1 process (baseline)": (1, "torch", "whole"),
+    "muon.py, 1 process": (1, "ours", "whole"),
+    "muon.py, 2 ranks, whole parameters (DDP)": (2, "ours", "whole"),
+    "muon.py, 2 ranks, row shards (FSDP)": (2, "ours", "fsdp"),
+    "torch.optim.Muon, 2 ranks, row shards (FSDP)": (2, "torch", "fsdp"),
+}
+
+
+def bench_muon(b: Bench):
+    """The Muon step alone (momentum, Newton-Schulz, update) on the 48 block matrices of GPT-2 124M, in one process
+    and on 2 CPU ranks (gloo, torchrun), each run in fresh processes on the same cores (2 ranks get half the threads
+    each). A CPU that emulates bfloat16 matmuls (1 GFLOP/s on the 2-core dev box) would take a quarter of an hour
+    for a 124M step: it gets the same 12 layers at width 192, whose 48 matrices balance over the ranks as 124M's."""
+    width = b.q(768 if hardware.cpu_has_bf16() else 192, 64)
+    warmup, repeats = b.q((1, 2), (1, 2))
+    threads = torch.get_num_threads()
+    ms = {}
+    for name, (ranks, which, layout) in MUON_RUNS.items():
+        code = f"import bench; bench.muon_step_times({which!r}, {layout!r}, {width}, {warmup}, {repeats})"
+        launcher = [sys.executable]
+        if ranks > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                        "--no-python", sys.executable]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks))}
+        p = subprocess.run([*launcher, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"{name} failed: {p.stderr.strip()[-500:]}")
+        times = [t * 1000 for t in json.loads(p.stdout.strip().splitlines()[-1])]
+        ms[name] = statistics.median(times)
+        base = ms[next(iter(MUON_RUNS))]
+        yield Row(f"12 x {width}: {name}", f"{ms[name]:,.0f} ms/step", f"{min(times):,.0f}-{max(times):,.0f} ms",
+                  details=f"{ranks} x {max(1, threads // ranks)} threads; " + (
+                      "q, k, v orthogonalised apart (7% more FLOPs than the fused matrix)" if which == "ours" else
+                      "c_attn orthogonalised whole"), ratio=f"{base / ms[name]:.2f}x")
+
+
+def muon_step_times(which: str, layout: str, width: int, warmup: int, repeats: int):
+    """In each fresh process of a bench_muon run: time the Muon step on GPT-2's block matrices at this width, whole
+    or sharded by rows over the ranks as FSDP2 shards them; rank 0 prints the seconds of the repeats (JSON)."""
+    import muon
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    world = distributed.setup("cpu")
+    torch.manual_seed(0)  # the same matrices and gradients on every rank
+    c_attn, others = [(3 * width, width)], [(width, width), (4 * width, width), (width, 4 * width)]
+    shapes = [*c_attn * 12, *others * 12]
+    place = lambda t: t  # noqa: E731
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world.world_size,))
+        place = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
+    params = [torch.nn.Parameter(place(torch.randn(s) * 0.02)) for s in shapes]
+    grads = [place(torch.randn(s)) for s in shapes]
+    if which == "torch":
+        optimizer = torch.optim.Muon(params, lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    else:
+        optimizer = muon.Muon([{"params": params[:12], "split": 3}, {"params": params[12:]}], lr=1e-3,
+                              weight_decay=0.1)
+    times = []
+    for _ in range(warmup + repeats):
+        for p, g in zip(params, grads):
+            p.grad = g
+        distributed.barrier()
+        start = time.perf_counter()
+        optimizer.step()
+        distributed.barrier()
+        times.append(time.perf_counter() - start)
+    if world.is_master:
+        print(json.dumps(times[warmup:]))
+    distributed.teardown()
+
+
 # ---------------------------------------------------------------- the report
 
 SECTIONS = {  # name: (title, function)
@@ -747,8 +823,9 @@ SECTIONS = {  # name: (title, function)
     "stepmem": ("Peak memory of one training step", bench_stepmem),
     "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
     "docmask": ("--doc-mask: a training step with the document mask", bench_docmask),
+    "muon": ("Muon's optimizer step, one process and 2 ranks", bench_muon),
 }
-OPT_IN = ("recipe",)  # half an hour on the 2-core dev CPU: only when named in --only
+OPT_IN = ("recipe", "muon")  # half an hour and several minutes on the 2-core dev CPU: only when named in --only
 
 INTRO = """# Benchmarks
 
@@ -756,9 +833,10 @@ Written by `python bench.py`; each section below names the command, machine and 
 
 How to rerun:
 
-- `python bench.py`: every section but recipe at full size (12 minutes on the 2-core dev machine when quiet,
-  20-30 busy). `python bench.py --only recipe --threads 1` trains the three recipes of that section through
-  train.py (about half an hour).
+- `python bench.py`: every section but recipe and muon at full size (12 minutes on the 2-core dev machine when
+  quiet, 20-30 busy). `python bench.py --only recipe --threads 1` trains the three recipes of that section through
+  train.py (about half an hour); `python bench.py --only muon --threads 1` times Muon's step on 1 and 2 ranks
+  (several minutes).
 - `python bench.py --only NAME[,NAME]`: some sections ({names}); the others in this file are kept.
 - `python bench.py --quick`: tiny sizes in about a minute, to check that the benchmark itself works; its figures
   say nothing about speed.

@@ -43,3 +43,12 @@ def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_pat
         for recipe in bench.RECIPES:
             assert f"| {corpus}: {recipe} | val loss " in text
     assert "FAILED" not in text and (tmp_path / "B-recipe.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_muon_times_each_run(tmp_path):
+    out = tmp_path / "B.md"
+    result = run_cli("bench.py", "--quick", "--only", "muon", "--threads", 1, "--out", out, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    assert all(f": {name} | " in text for name in bench.MUON_RUNS) and "FAILED" not in text

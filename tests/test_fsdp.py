@@ -123,9 +123,9 @@ def test_fsdp_with_compiled_blocks_bf16_and_the_sample_hook(tmp_path, gpt2_tikto
 
 
 def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(tmp_path, markov_dir):
-    """torch.optim.Muon runs on FSDP's sharded parameters (its Newton-Schulz matmuls gather what they need); the
-    sharded momentum resumes exactly. Against DDP the losses differ only by the bf16 rounding of those matmuls
-    over shards."""
+    """Muon on FSDP's sharded parameters (each matrix gathered whole to one rank for its Newton-Schulz steps, see
+    muon.py): the sharded momentum resumes exactly. Against DDP the gradients' reductions round differently in
+    float32, which the bfloat16 Newton-Schulz steps can grow to a bfloat16 rounding of the update (1e-5 measured)."""
     flags = [*COMMON, "--arch", "modern", "--no-tie-embeddings", "--optimizer", "muon", "--batch-size", 2,
              "--data-dir", markov_dir, "--max-steps", 8, "--checkpoint-interval", 4]
     run_train(*flags, "--out-dir", tmp_path / "fsdp", "--parallel", "fsdp", torchrun=2)
@@ -136,4 +136,4 @@ def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(t
     fsdp, ddp, resumed = (read_log(tmp_path / p, "loss") for p in ("fsdp", "ddp", "resumed"))
     assert sorted(fsdp) == sorted(ddp) == sorted(resumed) == list(range(1, 9))
     assert all(resumed[s] == fsdp[s] for s in range(5, 9)), (resumed, fsdp)
-    assert all(abs(fsdp[s] - ddp[s]) < 2e-4 for s in fsdp), (fsdp, ddp)
+    assert all(abs(fsdp[s] - ddp[s]) < 1e-4 for s in fsdp), (fsdp, ddp)
