@@ -747,16 +747,17 @@ MUON_RUNS = {  # name: (processes, optimizer, layout)
 
 
 def bench_muon(b: Bench):
-    """The Muon step alone (momentum, Newton-Schulz, update) on the 48 block matrices of GPT-2 124M, in one process
-    and on 2 CPU ranks (gloo, torchrun), each run in fresh processes on the same cores (2 ranks get half the threads
-    each). A CPU that emulates bfloat16 matmuls (1 GFLOP/s on the 2-core dev box) would take a quarter of an hour
-    for a 124M step: it gets the same 12 layers at width 192, whose 48 matrices balance over the ranks as 124M's."""
+    """The Muon step alone (momentum, Newton-Schulz, update) on the 48 block matrices of GPT-2 124M: the runs of one
+    process in one fresh process, those of 2 CPU ranks (gloo) in one torchrun, each taking turns step by step; on
+    the same cores (2 ranks get half the threads each). A CPU that emulates bfloat16 matmuls (1 GFLOP/s on the
+    2-core dev box) would take a quarter of an hour for a 124M step: it gets the same 12 layers at width 192, whose
+    48 matrices balance over the ranks as 124M's do."""
     width = b.q(768 if hardware.cpu_has_bf16() else 192, 64)
-    warmup, repeats = b.q((1, 2), (1, 2))
-    threads = torch.get_num_threads()
-    ms = {}
-    for name, (ranks, which, layout) in MUON_RUNS.items():
-        code = f"import bench; bench.muon_step_times({which!r}, {layout!r}, {width}, {warmup}, {repeats})"
+    warmup, repeats = b.q((1, 3), (1, 2))
+    threads, ms = torch.get_num_threads(), {}
+    for ranks in (1, 2):
+        runs = {name: (which, layout) for name, (n, which, layout) in MUON_RUNS.items() if n == ranks}
+        code = f"import bench; bench.muon_step_times({runs!r}, {width}, {warmup}, {repeats})"
         launcher = [sys.executable]
         if ranks > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
@@ -764,27 +765,44 @@ def bench_muon(b: Bench):
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks))}
         p = subprocess.run([*launcher, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
         if p.returncode:
-            raise RuntimeError(f"{name} failed: {p.stderr.strip()[-500:]}")
-        times = [t * 1000 for t in json.loads(p.stdout.strip().splitlines()[-1])]
-        ms[name] = statistics.median(times)
-        base = ms[next(iter(MUON_RUNS))]
-        yield Row(f"12 x {width}: {name}", f"{ms[name]:,.0f} ms/step", f"{min(times):,.0f}-{max(times):,.0f} ms",
-                  details=f"{ranks} x {max(1, threads // ranks)} threads; " + (
-                      "q, k, v orthogonalised apart (7% more FLOPs than the fused matrix)" if which == "ours" else
-                      "c_attn orthogonalised whole"), ratio=f"{base / ms[name]:.2f}x")
+            raise RuntimeError(f"the {ranks}-process runs failed: {p.stderr.strip()[-500:]}")
+        ms.update({name: [t * 1000 for t in times] for name, times in
+                   json.loads(p.stdout.strip().splitlines()[-1]).items()})
+    base = statistics.median(ms[next(iter(MUON_RUNS))])
+    for name, (ranks, which, _) in MUON_RUNS.items():
+        median = statistics.median(ms[name])
+        qkv = "q, k, v orthogonalised apart (7% more FLOPs)" if which == "ours" else "c_attn orthogonalised whole"
+        yield Row(f"12 x {width}: {name}", f"{median:,.0f} ms/step", f"{min(ms[name]):,.0f}-{max(ms[name]):,.0f} ms",
+                  details=f"{ranks} x {max(1, threads // ranks)} threads; {qkv}", ratio=f"{base / median:.2f}x")
 
 
-def muon_step_times(which: str, layout: str, width: int, warmup: int, repeats: int):
-    """In each fresh process of a bench_muon run: time the Muon step on GPT-2's block matrices at this width, whole
-    or sharded by rows over the ranks as FSDP2 shards them; rank 0 prints the seconds of the repeats (JSON)."""
+def muon_step_times(runs: dict, width: int, warmup: int, repeats: int):
+    """In the fresh process (or each torchrun rank) of bench_muon: time each run's step, the runs taking turns; rank
+    0 prints {run: [seconds of each repeat]} as JSON."""
+    world = distributed.setup("cpu")
+    steps = {name: muon_stepper(which, layout, width, world) for name, (which, layout) in runs.items()}
+    times = {name: [] for name in runs}
+    for _ in range(warmup + repeats):
+        for name, step in steps.items():
+            distributed.barrier()
+            start = time.perf_counter()
+            step()
+            distributed.barrier()
+            times[name].append(time.perf_counter() - start)
+    if world.is_master:
+        print(json.dumps({name: t[warmup:] for name, t in times.items()}))
+    distributed.teardown()
+
+
+def muon_stepper(which: str, layout: str, width: int, world):
+    """One Muon step (torch.optim.Muon or muon.py's) on its own copy of GPT-2's 48 block matrices at this width,
+    whole or sharded by rows over the ranks as FSDP2 shards them, with the same gradients every step."""
     import muon
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    world = distributed.setup("cpu")
     torch.manual_seed(0)  # the same matrices and gradients on every rank
-    c_attn, others = [(3 * width, width)], [(width, width), (4 * width, width), (width, 4 * width)]
-    shapes = [*c_attn * 12, *others * 12]
+    shapes = [(3 * width, width)] * 12 + [(width, width), (4 * width, width), (width, 4 * width)] * 12  # c_attn first
     place = lambda t: t  # noqa: E731
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world.world_size,))
@@ -796,18 +814,13 @@ def muon_step_times(which: str, layout: str, width: int, warmup: int, repeats: i
     else:
         optimizer = muon.Muon([{"params": params[:12], "split": 3}, {"params": params[12:]}], lr=1e-3,
                               weight_decay=0.1)
-    times = []
-    for _ in range(warmup + repeats):
+
+    def step():
         for p, g in zip(params, grads):
             p.grad = g
-        distributed.barrier()
-        start = time.perf_counter()
         optimizer.step()
-        distributed.barrier()
-        times.append(time.perf_counter() - start)
-    if world.is_master:
-        print(json.dumps(times[warmup:]))
-    distributed.teardown()
+
+    return step
 
 
 # ---------------------------------------------------------------- the report
