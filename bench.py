@@ -749,7 +749,7 @@ MUON_RUNS = {  # name: (processes, optimizer, layout)
 def bench_muon(b: Bench):
     """The Muon step alone (momentum, Newton-Schulz, update) on the 48 block matrices of GPT-2 124M: the runs of one
     process in one fresh process, those of 2 CPU ranks (gloo) in one torchrun, each taking turns step by step; on
-    the same cores (2 ranks get half the threads each). A CPU that emulates bfloat16 matmuls (1 GFLOP/s on the
+    the same cores (2 ranks get half the threads each, at least one). A CPU that emulates bfloat16 matmuls (1 GFLOP/s on the
     2-core dev box) would take a quarter of an hour for a 124M step: it gets the same 12 layers at width 192, whose
     48 matrices balance over the ranks as 124M's do."""
     width = b.q(768 if hardware.cpu_has_bf16() else 192, 64)

@@ -1,6 +1,7 @@
 """muon.py: one process is torch.optim.Muon exactly; GPT-2's fused QKV matrix is q, k and v orthogonalised apart; on
-2 ranks (DDP's whole parameters, FSDP's row shards) each rank orthogonalises only its share and every rank ends with
-torch.optim.Muon's result exactly; train.py with Muon under DDP and FSDP follows one process."""
+2 ranks (DDP's whole parameters, FSDP's row shards) each rank orthogonalises only its share, a matrix costs one
+broadcast or one gather and one scatter, and every rank ends with torch.optim.Muon's result exactly; train.py with
+Muon under DDP and FSDP follows one process."""
 import itertools
 import json
 import os
@@ -71,6 +72,7 @@ def on_each_rank():
     rank and layout."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -88,9 +90,12 @@ def on_each_rank():
         shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if layout == "fsdp" else (lambda t: t)
         params = [torch.nn.Parameter(shard(w.clone())) for w in init]
         optimizer = muon.Muon([{"params": [p], "split": k} for p, k in zip(params, SPLITS)], **SETTINGS)
-        train(optimizer, params, [[shard(g) for g in gs] for gs in grads])
+        local_grads = [[shard(g) for g in gs] for gs in grads]
+        with CommDebugMode() as comms:
+            train(optimizer, params, local_grads)
         whole = [p.full_tensor() if layout == "fsdp" else p.detach() for p in params]
         print(json.dumps({"rank": dist.get_rank(), "layout": layout, "blocks": blocks,
+                          "collectives": {str(k): v for k, v in comms.get_comm_counts().items()},
                           "equal": [torch.equal(a, b) for a, b in zip(whole, expected)]}), flush=True)
     dist.destroy_process_group()
 
@@ -109,6 +114,9 @@ def test_two_ranks_split_the_newton_schulz_work_and_get_torch_muons_result():
         # 3 steps of each rank's share: together every block once a step, and neither rank does it all
         assert sorted(ranks[0]["blocks"] + ranks[1]["blocks"]) == sorted(every_block * 3), ranks
         assert all(0 < len(r["blocks"]) < len(every_block) * 3 for r in ranks), ranks
+        # a matrix a step: one broadcast of the update (DDP), or one gather and one scatter (FSDP), and nothing else
+        per_step = {"ddp": {"c10d.broadcast_": 1}, "fsdp": {"c10d.gather_": 1, "c10d.scatter_": 1}}[layout]
+        assert all(r["collectives"] == {k: 3 * len(SHAPES) * n for k, n in per_step.items()} for r in ranks), ranks
 
 
 @pytest.mark.slow
