@@ -6,6 +6,7 @@ cfg is resolved (config.resolve): muon_lr is set.
 import torch
 
 from config import TrainConfig
+from errors import UserError, first_line
 from model import CausalLM, CausalSelfAttention
 from muon import Muon
 
@@ -77,6 +78,11 @@ def load_optimizer_state(optimizer, load):
     settings: load_state_dict would keep the saved ones (a changed --muon-lr, --weight-decay), and a checkpoint
     written before lr_scale existed has none."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    load()
+    try:
+        load()
+    except ValueError as e:  # torch's own words for state of another layout: other groups, other sizes
+        raise UserError(f"--resume: the checkpoint's optimizer state does not fit this optimizer ({first_line(e)}); "
+                        f"a GPT-2 run with --optimizer muon written before muon.py split c_attn into q, k, v cannot "
+                        f"continue its moments: start a new --out-dir, or resume with the kit version that wrote it")
     for group, ours in zip(optimizer.param_groups, settings, strict=True):
         group.update(ours)
