@@ -59,11 +59,12 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
     step = run.restore(raw_model, train_loader)
     batches = DeviceBatches(train_loader, device)
-    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile)  # what forward/backward run through
+    # what forward/backward run through
+    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, opts.replicate_degree)
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
     run.restore_optimizer(raw_model, optimizer)
     evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loaders, run.log,
-                          sharded=cfg.parallel == "fsdp")
+                          sharded=cfg.parallel in distributed.SHARDED)
     peak_flops = cfg.peak_flops or hardware.peak_flops(device, dtype)
     stop = StopFlag()
     if master:
