@@ -73,7 +73,8 @@ class TrainConfig:
     muon_lr: Optional[float] = None  # Muon's peak learning rate; default (resolve) learning_rate
     muon_momentum: float = 0.95
     log_interval: int = 10
-    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: datasheet for known GPUs, else measured
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: a known GPU's datasheet, measured on a
+    # CPU; none (no MFU logged) on a GPU that hardware.GPU_PEAK_BF16 does not name
     eval_interval: int = 250
     eval_steps: int = 20  # validation batches per evaluation (per process)
     hellaswag_interval: int = 250  # 0 turns it off

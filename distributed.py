@@ -145,7 +145,9 @@ def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.d
                      compile_on)
     model = torch.compile(raw_model) if compile_on else raw_model
     if world.enabled:
-        # Gradients live in DDP's all-reduce buckets, not beside them: one gradient-sized copy less per step.
+        # Each gradient is copied into DDP's all-reduce bucket as backward makes it and then becomes a view of it,
+        # so a whole set of gradients never exists beside the buckets: the peak holds one gradient-sized buffer
+        # less. (Under accumulation the no_sync micro steps still build whole gradients: zero_grad sets them to None.)
         model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
     return model

@@ -129,7 +129,8 @@ def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: floa
     return loss_sum.float() / accum, grad_norm
 
 
-def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: float, batches):
+def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: Optional[float],
+               batches):
     """The log line of a window: its mean loss over steps and ranks (a collective every rank reaches) and the
     tokens read from each data folder (batches: the Mixture's position), then rank 0's write, which may fail alone
     (a full disk): the failure, agreed on every rank, or None."""
@@ -139,7 +140,8 @@ def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, p
     source_tokens = {name: p["tokens"] for name, p in batches.state_dict()["sources"].items()}
     write = functools.partial(run.log.training, source_tokens=source_tokens)
     return distributed.attempt(write, step, loss, norm, lr, timer.per_step(), run.cfg.total_batch_size,
-                               flops_per_token(model_cfg, model_cfg.block_size), peak_flops * world.world_size,
+                               flops_per_token(model_cfg, model_cfg.block_size),
+                               peak_flops and peak_flops * world.world_size,
                                hardware.peak_memory(world.device))
 
 
