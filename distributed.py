@@ -88,6 +88,11 @@ def any_rank(device: torch.device, *flags) -> list[bool]:
     return [bool(v) for v in all_reduce(values, op=dist.ReduceOp.MAX).tolist()]
 
 
+def smallest(value: int, device: torch.device) -> int:
+    """The smallest of every process's value: a collective (on device, as NCCL needs)."""
+    return int(all_reduce(torch.tensor(value, device=device), op=dist.ReduceOp.MIN))
+
+
 def barrier():
     if _initialized():
         dist.barrier()
