@@ -1,4 +1,4 @@
-"""Pre-train a GPT: one process, or many under torchrun (DDP or FSDP), with exact resume.
+"""Pre-train a GPT: one process, or many under torchrun (DDP, FSDP or HSDP), with exact resume.
 
     python train.py --config tiny --device cpu                  # the CPU demo
     python train.py                                              # GPT-2 124M on fineweb-edu 10B, one GPU
