@@ -137,17 +137,14 @@ SHARDED = ("fsdp", "hsdp")  # the --parallel modes whose ranks each hold a shard
 
 
 def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.dtype, compile_on: bool,
-         replicate_degree: Optional[int] = None) -> torch.nn.Module:
-    """What forward and backward run through: raw_model itself, compiled, DDP-wrapped, or sharded in place
-    (FSDP, HSDP)."""
-    if replicate_degree is not None and parallel != "hsdp":
-        raise UserError(f"--replicate-degree is for --parallel hsdp, not {parallel}; drop it or pass --parallel hsdp")
+         mesh: Optional[tuple[int, ...]] = None) -> torch.nn.Module:
+    """What forward and backward run through: raw_model itself, compiled, DDP-wrapped, or sharded in place over
+    mesh (FSDP, HSDP: see mesh_shape)."""
     if parallel in SHARDED:
         if not _initialized():
             raise UserError(f"--parallel {parallel} shards over the processes of torchrun; start it with torchrun "
                             f"(even --nproc_per_node=1), or leave --parallel at ddp for one process")
-        return shard(raw_model, mesh_shape(parallel, world.world_size, replicate_degree), world.device, dtype,
-                     compile_on)
+        return shard(raw_model, mesh, world.device, dtype, compile_on)
     model = torch.compile(raw_model) if compile_on else raw_model
     if world.enabled:
         # Each gradient is copied into DDP's all-reduce bucket as backward makes it and then becomes a view of it,
@@ -158,11 +155,14 @@ def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.d
     return model
 
 
-def mesh_shape(parallel: str, world_size: int, replicate_degree: Optional[int] = None) -> tuple[int, ...]:
-    """(world_size,) for fsdp; (replicas, ranks per replica) for hsdp, replicas by default one per node
-    (torchrun's LOCAL_WORLD_SIZE ranks each)."""
-    if parallel == "fsdp":
-        return (world_size,)
+def mesh_shape(parallel: str, world_size: int, replicate_degree: Optional[int] = None) -> Optional[tuple[int, ...]]:
+    """The device mesh of a sharded run: (world_size,) for fsdp; (replicas, ranks per replica) for hsdp, replicas
+    by default one per node (torchrun's LOCAL_WORLD_SIZE ranks each); None for ddp. train.py asks before it
+    touches the run folder, so a bad --replicate-degree changes nothing."""
+    if replicate_degree is not None and parallel != "hsdp":
+        raise UserError(f"--replicate-degree is for --parallel hsdp, not {parallel}; drop it or pass --parallel hsdp")
+    if parallel != "hsdp":
+        return (world_size,) if parallel in SHARDED else None
     if replicate_degree is None:
         replicate_degree = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if replicate_degree < 1 or world_size % replicate_degree:

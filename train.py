@@ -54,13 +54,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     val_loaders = [(source, DataLoader(source.folder, "val", cfg.batch_size, model_cfg.block_size, world.rank,
                                        world.world_size, vocab_size=model_cfg.vocab_size)) for source in sources]
 
+    mesh = distributed.mesh_shape(cfg.parallel, world.world_size, opts.replicate_degree)
     run = Run(model_cfg, cfg, opts, world, meta["tokenizer"], train_loader.identity())  # see run.py for the order
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
     step = run.restore(raw_model, train_loader)
     batches = DeviceBatches(train_loader, device)
-    # what forward/backward run through
-    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, opts.replicate_degree)
+    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, mesh)  # what forward/backward run
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
     run.restore_optimizer(raw_model, optimizer)
     evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loaders, run.log,

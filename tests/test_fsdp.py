@@ -183,9 +183,10 @@ def test_replicate_degree_defaults_to_the_nodes_and_must_divide_the_ranks(tmp_pa
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert distributed.mesh_shape("hsdp", 32) == (4, 8)  # 4 nodes of 8: shard within each, replicate across
     assert distributed.mesh_shape("hsdp", 32, replicate_degree=2) == (2, 16)
-    assert distributed.mesh_shape("fsdp", 32) == (32,)
+    assert distributed.mesh_shape("fsdp", 32) == (32,) and distributed.mesh_shape("ddp", 32) is None
     with pytest.raises(UserError, match="--replicate-degree 3 must divide the 32 processes"):
         distributed.mesh_shape("hsdp", 32, replicate_degree=3)
     result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 1,
                        "--parallel", "fsdp", "--replicate-degree", 2, check=False)
     assert_one_line_error(result, "--replicate-degree is for --parallel hsdp")
+    assert not (tmp_path / "out").exists()  # refused before the run folder is touched

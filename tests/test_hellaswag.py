@@ -15,8 +15,8 @@ import export_hf
 import hellaswag
 from config import GPTConfig
 from errors import UserError
-from helpers import COMMON, TORCHRUN, assert_one_line_error, hf_gpt2, perturb, read_log, run_cli, run_train, shared_data, \
-    write_jsonl
+from helpers import (COMMON, TORCHRUN, assert_one_line_error, hf_gpt2, perturb, read_log, run_cli, run_train,
+                     shared_data, write_jsonl)
 from model import CausalLM, build_model
 from tokenizer import load_tokenizer
 
