@@ -1,6 +1,5 @@
 """hardware.py: the datasheet peak a GPU's name selects (whole model names, the most specific one), no MFU for a
 GPU the table does not name, and TF32 switched on through the API the installed torch wants."""
-import warnings
 
 import pytest
 import torch
