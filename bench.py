@@ -255,7 +255,7 @@ def bench_train(b: Bench):
         for (dtype, comp), st in stats.items():
             tps = st.rate(tokens)
             mfu = [f"MFU {estimate_mfu(cfg, cfg.block_size, tps, peak[dtype]):.1%} of measured peak"]
-            if datasheet:
+            if datasheet.get(dtype):
                 mfu.append(f"{estimate_mfu(cfg, cfg.block_size, tps, datasheet[dtype]):.1%} of datasheet")
             mem = f"step peak +{st.mem / MB:,.0f} MB" if st.mem is not None else ""
             compiled = f"compile + first step {st.first:.0f} s (excluded; empty cache)" if comp else ""

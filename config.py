@@ -54,7 +54,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
     compile: Optional[bool] = None  # torch.compile; default (resolve) on for CUDA, off elsewhere
-    parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (parameters and AdamW states sharded)
+    parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank), fsdp (parameters and AdamW states sharded)
+    # or hsdp (sharded within a node, replicated across nodes; see --replicate-degree)
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
@@ -72,7 +73,8 @@ class TrainConfig:
     muon_lr: Optional[float] = None  # Muon's peak learning rate; default (resolve) learning_rate
     muon_momentum: float = 0.95
     log_interval: int = 10
-    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: datasheet for known GPUs, else measured
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; default: a known GPU's datasheet, measured on a
+    # CPU; none (no MFU logged) on a GPU that hardware.GPU_PEAK_BF16 does not name
     eval_interval: int = 250
     eval_steps: int = 20  # validation batches per evaluation (per process)
     hellaswag_interval: int = 250  # 0 turns it off
@@ -96,6 +98,8 @@ class RunOptions:
     overwrite: bool = False  # a fresh run into a folder holding an older run deletes that run's checkpoints and log
     allow_lr_change: bool = False  # resume although the new schedule moves the learning rate at the resume step
     dist_timeout: float = 30.0  # minutes a collective waits for the slowest rank (a checkpoint write, say)
+    replicate_degree: Optional[int] = None  # --parallel hsdp: model replicas, each sharded over world / replicas
+    # ranks; default one per node (torchrun's LOCAL_WORLD_SIZE ranks)
 
 
 def resolve(model_cfg: GPTConfig, cfg: TrainConfig, explicit: set, data_meta: dict,
@@ -242,8 +246,11 @@ def check_values(model_cfg: GPTConfig, train_cfg: TrainConfig):
         raise UserError("--no-tie-embeddings is for --arch modern; GPT-2's head is its embedding")
     if train_cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"optimizer must be adamw or muon, got {train_cfg.optimizer!r}")
-    if train_cfg.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"parallel must be ddp or fsdp, got {train_cfg.parallel!r}")
+    if train_cfg.parallel not in ("ddp", "fsdp", "hsdp"):
+        raise UserError(f"parallel must be ddp, fsdp or hsdp, got {train_cfg.parallel!r}")
+    if train_cfg.optimizer == "muon" and train_cfg.parallel == "hsdp":  # muon.py gathers over one mesh dimension
+        raise UserError("--optimizer muon runs under --parallel ddp or fsdp, not yet hsdp; use fsdp (sharded over "
+                        "every rank) or adamw")
     if train_cfg.lr_schedule not in ("cosine", "wsd"):
         raise UserError(f"lr_schedule must be cosine or wsd, got {train_cfg.lr_schedule!r}")
     if not 0 <= train_cfg.decay_fraction <= 1:

@@ -1,10 +1,13 @@
 """Many processes as one run: torchrun's process group, the collectives every rank reaches in the same order, the
 per-rank RNG streams, and how the model is wrapped for them: --parallel ddp (DistributedDataParallel, a whole
-copy per rank) or --parallel fsdp (torch's FSDP2: parameters, gradients and optimizer states sharded).
+copy per rank), --parallel fsdp (torch's FSDP2: parameters, gradients and optimizer states sharded over every
+rank) or --parallel hsdp (FSDP2 on a 2-D mesh: sharded within a node, replicated across nodes).
 
 DDP keeps a whole copy of the model, its gradients and both AdamW moments on every rank: 16 bytes per parameter.
-FSDP keeps 16 / world_size and gathers each block's weights just before it runs. In a single process every
-collective here is a no-op, so the scripts call them unconditionally.
+FSDP keeps 16 / world_size and gathers each block's weights just before it runs, every micro step: over the
+slow network between nodes once the ranks span several. HSDP keeps 16 / (ranks per replica) and gathers only
+within its replica (one node's NVLink); between nodes travels one all-reduce of each gradient shard per step.
+In a single process every collective here is a no-op, so the scripts call them unconditionally.
 """
 import contextlib
 import datetime
@@ -85,6 +88,11 @@ def any_rank(device: torch.device, *flags) -> list[bool]:
     return [bool(v) for v in all_reduce(values, op=dist.ReduceOp.MAX).tolist()]
 
 
+def smallest(value: int, device: torch.device) -> int:
+    """The smallest of every process's value: a collective (on device, as NCCL needs)."""
+    return int(all_reduce(torch.tensor(value, device=device), op=dist.ReduceOp.MIN))
+
+
 def barrier():
     if _initialized():
         dist.barrier()
@@ -125,18 +133,42 @@ def set_rng_state(state: dict):
 
 # ---- the model across ranks
 
-def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.dtype,
-         compile_on: bool) -> torch.nn.Module:
-    """What forward and backward run through: raw_model itself, compiled, DDP-wrapped, or sharded in place (FSDP)."""
-    if parallel == "fsdp":
+SHARDED = ("fsdp", "hsdp")  # the --parallel modes whose ranks each hold a shard: every forward is a collective
+
+
+def wrap(raw_model: torch.nn.Module, parallel: str, world: World, dtype: torch.dtype, compile_on: bool,
+         mesh: Optional[tuple[int, ...]] = None) -> torch.nn.Module:
+    """What forward and backward run through: raw_model itself, compiled, DDP-wrapped, or sharded in place over
+    mesh (FSDP, HSDP: see mesh_shape)."""
+    if parallel in SHARDED:
         if not _initialized():
-            raise UserError("--parallel fsdp shards over the processes of torchrun; start it with torchrun (even "
-                            "--nproc_per_node=1), or leave --parallel at ddp for one process")
-        return shard(raw_model, world.device, world.world_size, dtype, compile_on)
+            raise UserError(f"--parallel {parallel} shards over the processes of torchrun; start it with torchrun "
+                            f"(even --nproc_per_node=1), or leave --parallel at ddp for one process")
+        return shard(raw_model, mesh, world.device, dtype, compile_on)
     model = torch.compile(raw_model) if compile_on else raw_model
     if world.enabled:
-        model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        # Each gradient is copied into DDP's all-reduce bucket as backward makes it and then becomes a view of it,
+        # so a whole set of gradients never exists beside the buckets: the peak holds one gradient-sized buffer
+        # less. (Under accumulation the no_sync micro steps still build whole gradients: zero_grad sets them to None.)
+        model = DDP(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     return model
+
+
+def mesh_shape(parallel: str, world_size: int, replicate_degree: Optional[int] = None) -> Optional[tuple[int, ...]]:
+    """The device mesh of a sharded run: (world_size,) for fsdp; (replicas, ranks per replica) for hsdp, replicas
+    by default one per node (torchrun's LOCAL_WORLD_SIZE ranks each); None for ddp. train.py asks before it
+    touches the run folder, so a bad --replicate-degree changes nothing."""
+    if replicate_degree is not None and parallel != "hsdp":
+        raise UserError(f"--replicate-degree is for --parallel hsdp, not {parallel}; drop it or pass --parallel hsdp")
+    if parallel != "hsdp":
+        return (world_size,) if parallel in SHARDED else None
+    if replicate_degree is None:
+        replicate_degree = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if replicate_degree < 1 or world_size % replicate_degree:
+        raise UserError(f"--replicate-degree {replicate_degree} must divide the {world_size} processes (each replica "
+                        f"shards the model over world / replicas of them); pick a divisor, e.g. the number of nodes")
+    return (replicate_degree, world_size // replicate_degree)
 
 
 def gradient_sync(model, last_micro_step: bool):
@@ -148,12 +180,16 @@ def gradient_sync(model, last_micro_step: bool):
     return contextlib.nullcontext()
 
 
-def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: torch.dtype, compile_on: bool):
+def shard(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, compile_on: bool):
     """Wrap each transformer block, then the root (the embedding, the head, tied or not, and the final norm), in place.
+    shape: the device mesh, (world_size,) for FSDP or (replicas, ranks per replica) for HSDP, where FSDP2 shards
+    over the second dimension and replicates over the first (a reduce-scatter within each replica, then an
+    all-reduce of the shards across replicas).
 
     Mixed precision as under DDP: float32 master weights and gradient reduction, compute in `dtype` (the loop's
     autocast still keeps softmax, norms and the loss in float32)."""
-    mesh = init_device_mesh(device.type, (world_size,))
+    names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
         if compile_on:  # compile per block: the collectives between blocks stay outside the graphs

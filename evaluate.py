@@ -6,9 +6,9 @@ bad file) turns that evaluation off for the run with one warning, on every rank 
 
 Each evaluation is local work, then an agreement of all ranks that it succeeded (distributed.agree), then the
 one collective that sums the results: a failure on one rank (an out-of-memory on one GPU, rank 0's log write)
-never leaves the others waiting in a collective it will not reach. Under --parallel fsdp every forward is itself
-a collective (each block all-gathers its weights), so there the local work cannot fail alone without a hang
-until --dist-timeout; the same holds for DDP's and FSDP's training steps themselves.
+never leaves the others waiting in a collective it will not reach. Under --parallel fsdp or hsdp every forward is
+itself a collective (each block all-gathers its weights), so there the local work cannot fail alone without a
+hang until --dist-timeout; the same holds for DDP's and FSDP's training steps themselves.
 """
 from typing import Optional
 
@@ -27,8 +27,8 @@ from tokenizer import load_tokenizer
 
 class Evaluator:
     """The evaluations of one run, with what they need resolved up front. val_loaders: (mixture.Source, DataLoader
-    of its val split) for each data folder. sharded: the model is FSDP-sharded, so every rank runs every forward of
-    HellaSwag and sampling together."""
+    of its val split) for each data folder. sharded: the model is sharded (FSDP, HSDP), so every rank runs every
+    forward of HellaSwag and sampling together."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: GPTConfig, tokenizer: str, world: distributed.World, dtype,
                  val_loaders: list, log: RunLog, sharded: bool = False):
@@ -37,6 +37,7 @@ class Evaluator:
         self.enc = load_tokenizer(tokenizer) if cfg.hellaswag_interval or cfg.sample_interval else None
         if cfg.sample_interval:
             generate.encode_prompt(self.enc, cfg.sample_prompt, model_cfg.block_size)
+        self.model_cfg, self.encoded = model_cfg, []
         self.examples = self._hellaswag_rows(model_cfg.block_size) if cfg.hellaswag_interval else None
 
     def due(self, step: int) -> bool:
@@ -85,17 +86,22 @@ class Evaluator:
         return distributed.attempt(self.log.write, record, line)
 
     def _hellaswag(self, step: int, raw_model) -> Optional[BaseException]:
-        counts = []
-        world = None if self.sharded else self.world  # sharded: every rank scores all rows (forwards are collective)
+        """Each rank scores its share of the rows. Sharded ranks run every forward together (each is a
+        collective), so they agree first on the smallest batch any rank's memory allows, then pad their shares to
+        one length: the same number of forwards on every rank."""
+        counts, device = [], self.world.device
+        batch = hellaswag.examples_per_forward(self.model_cfg, self.encoded, device, self.dtype)
+        if self.sharded:
+            batch = distributed.smallest(batch, device)
 
         def score():
             with distributed.gathered(raw_model):
-                counts.append(hellaswag.tally(raw_model, self.enc, self.examples, self.world.device, self.dtype,
-                                              world=world))
+                counts.append(hellaswag.tally(raw_model, self.enc, self.examples, device, self.dtype, batch,
+                                              world=self.world, even=self.sharded))
         error = distributed.attempt(score)
         if error:
             return error
-        totals = counts[0] if self.sharded else distributed.all_reduce(counts[0])
+        totals = distributed.all_reduce(counts[0])
         result = hellaswag.accuracy(totals)
         return distributed.attempt(
             self.log.write, {"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"]},
@@ -118,8 +124,7 @@ class Evaluator:
             if (self.world.local_rank == 0) == first:
                 try:
                     rows = hellaswag.load_examples(self.cfg.hellaswag_data, self.cfg.hellaswag_limit)
-                    for ex in rows:
-                        hellaswag.encode(self.enc, ex, block_size)
+                    self.encoded = [hellaswag.encode(self.enc, ex, block_size) for ex in rows]
                 except UserError as e:
                     problem = str(e)
             distributed.barrier()

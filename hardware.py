@@ -3,8 +3,10 @@
 Each choice lives in one function here so every script makes it the same way.
 """
 import contextlib
+import re
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -61,22 +63,35 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# Dense bfloat16 tensor-core peaks from the datasheets (no sparsity; GeForce cards with float32 accumulation),
-# matched in order against the device name: a more specific name comes before the one it contains.
-GPU_PEAK_BF16 = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-    ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-]
+# Dense bfloat16 tensor-core peaks from the datasheets (no 2:4 sparsity, which doubles the printed figure; GeForce
+# cards with float32 accumulation), keyed by the model as the device name spells it.
+GPU_PEAK_BF16 = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+    "H800": 989e12, "H800 PCIe": 756e12, "H20": 148e12, "B200": 2250e12, "A100": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "MI300X": 1307e12,
+}
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s the device can reach in this dtype: the datasheet for known GPUs, else a timed large matmul."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_BF16:
-            if key in name:
-                return flops
+def datasheet_peak(device_name: str) -> Optional[float]:
+    """The GPU_PEAK_BF16 entry whose words appear together in the device name, the longest where several do
+    ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM one); whole words only, so an L40 is
+    no L4. None for a GPU not in the table."""
+    words = re.split(r"[\s\-_]+", device_name.upper())
+
+    def named(key: str) -> bool:
+        k = key.upper().split()
+        return any(words[i:i + len(k)] == k for i in range(len(words)))
+    matches = [key for key in GPU_PEAK_BF16 if named(key)]
+    return GPU_PEAK_BF16[max(matches, key=lambda key: len(key.split()))] if matches else None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """FLOP/s the device can reach in this dtype, for MFU: a GPU's datasheet (bfloat16 on a GPU in the table),
+    a timed large matmul on a CPU or MPS (a practical peak, no datasheet applies). None, and no MFU, for any other
+    GPU: a measured figure there would be a GPU's clock of the day, not its peak, and flatter the MFU."""
+    if device.type == "cuda":
+        return datasheet_peak(torch.cuda.get_device_name(device)) if dtype == torch.bfloat16 else None
     return measure_matmul_flops(device, dtype)
 
 
@@ -106,8 +121,14 @@ def synchronize(device: torch.device):
 
 
 def configure_matmul(device: torch.device):
-    """TF32 for float32 matmuls on Ampere and newer: ~8x the fp32 throughput for a negligible precision cost."""
-    if device.type == "cuda":
+    """TF32 for float32 matmuls and convolutions on Ampere and newer: ~8x the fp32 throughput for a negligible
+    precision cost. Through fp32_precision where torch has it (2.9+, where the allow_tf32 flags are deprecated)."""
+    if device.type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 

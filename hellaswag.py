@@ -41,6 +41,8 @@ DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hella
 DATA_LINES = 10042  # the validation file's examples: a shorter file is a damaged download
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gpt-kit", "hellaswag")
 N_ENDINGS = 4
+CPU_BUDGET = 256 << 20  # bytes of logits and activations per forward on a CPU
+MAX_EXAMPLES = 256  # per forward: past this a GPU is busy anyway, and the last batch's padding grows
 
 
 def download(url: str, dest: str, lines: int = 0) -> str:
@@ -127,7 +129,8 @@ class Packed(NamedTuple):
 
 def pack(batch: list, device) -> Packed:
     """One right-padded row per example: context, ending 1, ..., ending 4; every ending at the positions right
-    after the context."""
+    after the context. Built on the CPU and copied without waiting: on a GPU from pinned memory (a plain copy to
+    the GPU would wait for the queued forwards to finish)."""
     tokens, positions, segments = [], [], []  # per row; segment 0 is the context, k + 1 ending k
     rows, cols, targets, candidate = [], [], [], []
     for b, (ctx, ends) in enumerate(batch):
@@ -147,8 +150,14 @@ def pack(batch: list, device) -> Packed:
         segments.append(seg)
     T = max(map(len, tokens))
 
+    device = torch.device(device)
+
+    def on_device(values: list) -> torch.Tensor:
+        t = torch.tensor(values)
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
     def padded(per_row, value):
-        return torch.tensor([r + [value] * (T - len(r)) for r in per_row], device=device)
+        return on_device([r + [value] * (T - len(r)) for r in per_row])
 
     seg = padded(segments, -1)
     i = torch.arange(T, device=device)
@@ -157,19 +166,45 @@ def pack(batch: list, device) -> Packed:
     # Everything sees the context; an ending also sees itself, never another ending. Padding sees earlier padding
     # (at least itself, so no softmax row is empty) and nothing real ever sees padding.
     mask = (causal & ((k == 0) | (k == q)))[:, None]
-    flat = [torch.tensor(x, device=device) for x in (rows, cols, targets, candidate)]
+    flat = [on_device(x) for x in (rows, cols, targets, candidate)]
     return Packed(padded(tokens, 0), padded(positions, 0), mask, *flat)
 
 
+def examples_per_forward(cfg, encoded: list, device, dtype) -> int:
+    """Examples one forward packs: as many as keep the logits and activations of a batch of the longest example
+    within a quarter of the GPU's free memory (memory PyTorch holds cached counts as free), or CPU_BUDGET on a CPU;
+    at most MAX_EXAMPLES. The quarter leaves room for the estimate's roughness, fragmentation and, under FSDP, a
+    gathered block. Sized on the longest example, so every batch fits, whichever examples it holds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 4
+    else:
+        budget = CPU_BUDGET
+    width = torch.finfo(dtype).bits // 8
+    row = max((len(ctx) + sum(map(len, ends)) for ctx, ends in encoded), default=1)  # tokens in a packed row
+    scored = max((sum(map(len, ends)) for _, ends in encoded), default=1)
+    per_example = (scored * cfg.padded_vocab_size * width  # the head's logits where a next token is scored
+                   + row * cfg.n_embd * 16 * width  # one block's activations: q, k, v, MLP hidden, residuals
+                   + row * row * (1 + 4 * cfg.n_head))  # the mask, and attention scores where they are materialised
+    return max(1, min(MAX_EXAMPLES, budget // per_example))
+
+
 @torch.no_grad()
-def score(model, enc, examples: list, device, dtype, batch_size: int = 4, progress: bool = False):
-    """Summed loss and token count of every candidate ending, both (N, 4), batch_size examples per forward."""
+def score(model, enc, examples: list, device, dtype, batch_size: int = 0, progress: bool = False):
+    """Summed loss and token count of every candidate ending, both (N, 4) on the CPU, batch_size examples per
+    forward (0: examples_per_forward). The losses stay on the device until the end: one wait, not one a batch."""
     encoded = [encode(enc, ex, model.config.block_size) for ex in examples]
     counts = torch.tensor([[len(end) for end in ends] for _, ends in encoded], dtype=torch.float32)
     counts = counts.view(-1, N_ENDINGS)  # (0, 4) when a process has no examples
-    losses = torch.zeros_like(counts)
+    batch_size = batch_size or examples_per_forward(model.config, encoded, device, dtype)
     # Examples of similar length share a batch, so little of a forward is padding; results go back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + counts[i].sum().item())
+    # The float32 logits a slice at a time. On a CPU a few rows, still in cache when the softmax reads them back
+    # (several times faster than one pass over the whole); on a GPU larger slices, for fewer kernel launches
+    # (1,024 rows of GPT-2's vocabulary: 206 MB).
+    slice_rows = 32 if torch.device(device).type == "cpu" else 1024
+    sums = []
     # One autocast around the loop: it keeps the low-precision copies of the weights from batch to batch.
     with tqdm(total=len(examples), unit="ex", disable=not progress) as bar, autocast(device, dtype):
         for start in range(0, len(order), batch_size):
@@ -177,13 +212,13 @@ def score(model, enc, examples: list, device, dtype, batch_size: int = 4, progre
             p = pack([encoded[i] for i in idx], device)
             h = model.hidden(p.tokens, positions=p.positions, attn_mask=p.mask)
             logits = model.logits(h[p.rows, p.cols])
-            # A few rows at a time: each float slice of the (rows, vocab) logits is still in cache when the
-            # softmax reads it back, several times faster on a CPU than one pass over the whole.
             loss = torch.cat([F.cross_entropy(part.float(), want, reduction="none")
-                              for part, want in zip(logits.split(32), p.targets.split(32))])
-            sums = torch.zeros(N_ENDINGS * len(idx), device=device).index_add_(0, p.candidate, loss)
-            losses[idx] = sums.view(-1, N_ENDINGS).cpu()
+                              for part, want in zip(logits.split(slice_rows), p.targets.split(slice_rows))])
+            sums.append(torch.zeros(N_ENDINGS * len(idx), device=device).index_add_(0, p.candidate, loss))
             bar.update(len(idx))
+    losses = torch.zeros_like(counts)
+    if sums:
+        losses[order] = torch.cat(sums).view(-1, N_ENDINGS).cpu()
     return losses, counts
 
 
@@ -204,7 +239,7 @@ def score_plain(model, enc, examples: list, device, dtype):
     return losses, counts
 
 
-def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 4,
+def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 0,
              world: Optional[distributed.World] = None, progress: bool = False) -> dict:
     """{"acc", "acc_norm", "n"} of model (an unwrapped GPT) on examples. Under torchrun pass world: each process
     scores examples[rank::world_size] and the counts are summed over processes."""
@@ -212,15 +247,19 @@ def evaluate(model, enc, examples: list, device, dtype, batch_size: int = 4,
     return accuracy(distributed.all_reduce(counts) if world is not None and world.enabled else counts)
 
 
-def tally(model, enc, examples: list, device, dtype, batch_size: int = 4,
-          world: Optional[distributed.World] = None, progress: bool = False) -> torch.Tensor:
+def tally(model, enc, examples: list, device, dtype, batch_size: int = 0,
+          world: Optional[distributed.World] = None, progress: bool = False, even: bool = False) -> torch.Tensor:
     """[correct, correct_norm, n] of this process's share of examples (all of them when world is None): local
-    work, no collective."""
+    work, no collective. even: every rank scores as many rows as the largest share (repeats of the first example
+    fill the rest, not counted), so that with one batch_size on all ranks each runs the same number of forwards,
+    as the ranks of a sharded model must: each forward is a collective."""
     rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
     was_training = model.training
     model.eval()  # dropout off; train.py calls this mid-training
     mine = examples[rank::world_size]
-    losses, counts = score(model, enc, mine, device, dtype, batch_size, progress)
+    filler = examples[:1] * (-(-len(examples) // world_size) - len(mine)) if even else []
+    losses, counts = score(model, enc, mine + filler, device, dtype, batch_size, progress)
+    losses, counts = losses[:len(mine)], counts[:len(mine)]
     model.train(was_training)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = (losses.argmin(dim=1) == labels).sum().item()
@@ -249,12 +288,13 @@ def main():
     parser.add_argument("--data", default=None, help="local hellaswag_val.jsonl(.gz) (default: download once)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"where the download is kept (default: "
                         f"{DEFAULT_CACHE})")
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per forward (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=0, help="examples per forward (default: 0, as many as fit "
+                        "a quarter of the free GPU memory, or 256 MB on a CPU)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N examples (default: all)")
     parser.add_argument("--out", default=None, help="also write {acc, acc_norm, n} to this JSON file")
     args = parser.parse_args()
-    if args.batch_size < 1 or args.limit < 0:
-        raise UserError("--batch-size must be at least 1 and --limit at least 0")
+    if args.batch_size < 0 or args.limit < 0:
+        raise UserError("--batch-size and --limit must be at least 0")
 
     world = distributed.setup(args.device)
     try:

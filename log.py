@@ -79,18 +79,21 @@ class RunLog:
                                 dir=os.environ.get("WANDB_DIR", self.out_dir))
 
     def training(self, step: int, loss: float, grad_norm: float, lr: float, seconds_per_step: Optional[float],
-                 tokens_per_step: int, flops_per_token: float, peak_flops: float, peak_memory: float, **extra):
-        """One line for a log window: loss and gradient norm (already agreed across ranks), speed, MFU, the peak
-        memory so far (bytes) and the time left at this window's speed."""
+                 tokens_per_step: int, flops_per_token: float, peak_flops: Optional[float], peak_memory: float,
+                 **extra):
+        """One line for a log window: loss and gradient norm (already agreed across ranks), speed, MFU (where the
+        peak FLOP/s is known), the peak memory so far (bytes) and the time left at this window's speed."""
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **extra}
         line = f"step {step:6d}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f}"
         if seconds_per_step is not None:
             tps = tokens_per_step / seconds_per_step
-            mfu = flops_per_token * tps / peak_flops
             left = (self.max_steps - step) * seconds_per_step
-            record.update(tokens_per_sec=tps, ms_per_step=seconds_per_step * 1000, mfu=mfu, seconds_left=left)
-            line += (f" | {seconds_per_step * 1000:.0f} ms | {tps:,.0f} tok/s | mfu {mfu:.1%} | "
-                     f"{format_duration(left)} left")
+            record.update(tokens_per_sec=tps, ms_per_step=seconds_per_step * 1000, seconds_left=left)
+            line += f" | {seconds_per_step * 1000:.0f} ms | {tps:,.0f} tok/s"
+            if peak_flops:
+                record["mfu"] = flops_per_token * tps / peak_flops
+                line += f" | mfu {record['mfu']:.1%}"
+            line += f" | {format_duration(left)} left"
         record["peak_memory_mb"] = peak_memory / 2**20
         line += f" | mem {peak_memory / 2**30:.2f} GiB"
         self.write(record, line)

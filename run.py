@@ -93,9 +93,9 @@ class Run:
             return
         if checkpoint.has_optimizer_shards(self.start):
             load_optimizer_state(optimizer, lambda: checkpoint.load_optimizer_shards(raw_model, optimizer, self.start))
-        elif self.cfg.parallel == "fsdp":
+        elif self.cfg.parallel in distributed.SHARDED:
             raise UserError(f"--resume: {self.start} was written by a --parallel ddp run; resume it with --parallel "
-                            f"ddp (an fsdp run saves its optimizer in shards, a ddp run whole)")
+                            f"ddp (a {self.cfg.parallel} run saves its optimizer in shards, a ddp run whole)")
         else:
             load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(self.state["optimizer"]))
 

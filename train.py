@@ -1,4 +1,4 @@
-"""Pre-train a GPT: one process, or many under torchrun (DDP or FSDP), with exact resume.
+"""Pre-train a GPT: one process, or many under torchrun (DDP, FSDP or HSDP), with exact resume.
 
     python train.py --config tiny --device cpu                  # the CPU demo
     python train.py                                              # GPT-2 124M on fineweb-edu 10B, one GPU
@@ -54,16 +54,17 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     val_loaders = [(source, DataLoader(source.folder, "val", cfg.batch_size, model_cfg.block_size, world.rank,
                                        world.world_size, vocab_size=model_cfg.vocab_size)) for source in sources]
 
+    mesh = distributed.mesh_shape(cfg.parallel, world.world_size, opts.replicate_degree)
     run = Run(model_cfg, cfg, opts, world, meta["tokenizer"], train_loader.identity())  # see run.py for the order
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
     step = run.restore(raw_model, train_loader)
     batches = DeviceBatches(train_loader, device)
-    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile)  # what forward/backward run through
+    model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, mesh)  # what forward/backward run
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
     run.restore_optimizer(raw_model, optimizer)
     evaluator = Evaluator(cfg, model_cfg, meta["tokenizer"], world, dtype, val_loaders, run.log,
-                          sharded=cfg.parallel == "fsdp")
+                          sharded=cfg.parallel in distributed.SHARDED)
     peak_flops = cfg.peak_flops or hardware.peak_flops(device, dtype)
     stop = StopFlag()
     if master:
@@ -128,7 +129,8 @@ def train_step(model, optimizer, batches, accum: int, lr: float, grad_clip: floa
     return loss_sum.float() / accum, grad_norm
 
 
-def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: float, batches):
+def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, peak_flops: Optional[float],
+               batches):
     """The log line of a window: its mean loss over steps and ranks (a collective every rank reaches) and the
     tokens read from each data folder (batches: the Mixture's position), then rank 0's write, which may fail alone
     (a full disk): the failure, agreed on every rank, or None."""
@@ -138,7 +140,8 @@ def log_window(run: Run, step: int, losses: list, grad_norm, lr: float, timer, p
     source_tokens = {name: p["tokens"] for name, p in batches.state_dict()["sources"].items()}
     write = functools.partial(run.log.training, source_tokens=source_tokens)
     return distributed.attempt(write, step, loss, norm, lr, timer.per_step(), run.cfg.total_batch_size,
-                               flops_per_token(model_cfg, model_cfg.block_size), peak_flops * world.world_size,
+                               flops_per_token(model_cfg, model_cfg.block_size),
+                               peak_flops and peak_flops * world.world_size,
                                hardware.peak_memory(world.device))
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import checkpoint
+import distributed
 import markov
+from errors import UserError
 from helpers import COMMON, assert_one_line_error, cut_back_to, read_log, run_train, start_train
 
 pytestmark = pytest.mark.slow
@@ -137,3 +139,54 @@ def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(t
     assert sorted(fsdp) == sorted(ddp) == sorted(resumed) == list(range(1, 9))
     assert all(resumed[s] == fsdp[s] for s in range(5, 9)), (resumed, fsdp)
     assert all(abs(fsdp[s] - ddp[s]) < 1e-4 for s in fsdp), (fsdp, ddp)
+
+
+# ---- --parallel hsdp: FSDP2 on a 2-D mesh, 2 replicas of 2 shards
+
+@pytest.fixture(scope="module")
+def hsdp_run(tmp_path_factory, markov_dir):
+    """8 steps of HSDP on 4 ranks (2 replicas x 2 shards), 2 micro steps of 1 window each, checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("hsdp") / "out"
+    result = run_train(*COMMON, "--batch-size", 1, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
+                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "hsdp",
+                       "--replicate-degree", 2, torchrun=4)
+    return out, result.stdout
+
+
+def test_hsdp_equals_one_process_and_holds_half_the_state(tmp_path, markov_dir, hsdp_run):
+    out, stdout = hsdp_run
+    run_train(*COMMON, "--batch-size", 4, "--data-dir", markov_dir, "--out-dir", tmp_path / "single", "--max-steps", 8,
+              "--checkpoint-interval", 100)
+    hsdp, single = read_log(out, "loss"), read_log(tmp_path / "single", "loss")
+    assert sorted(hsdp) == sorted(single) == list(range(1, 9))
+    assert all(abs(hsdp[s] - single[s]) < 1e-5 for s in hsdp), (hsdp, single)
+    # Sharded over the 2 ranks of a replica, not over all 4: half the model state per rank.
+    whole = 4 * 4 * sum(p.numel() for p in checkpoint.load_model(str(out / "ckpt_0000008"))[0].parameters()) / 2**20
+    mb = float(re.search(r"hsdp: model state per rank ([\d.,]+) MB", stdout).group(1).replace(",", ""))
+    assert 0.45 < mb / whole <= 0.55, (mb, whole)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_an_hsdp_checkpoint_resumes_on_2_ranks(tmp_path, markov_dir, hsdp_run, parallel):
+    out, _ = hsdp_run
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    cut_back_to(resumed, 4)
+    run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", resumed, "--max-steps", 8,
+              "--checkpoint-interval", 4, "--parallel", parallel, "--resume", torchrun=2)
+    full, after = read_log(out, "loss"), read_log(resumed, "loss")
+    assert sorted(after) == list(range(1, 9))
+    assert all(abs(after[s] - full[s]) < 1e-5 for s in range(5, 9)), (parallel, after, full)
+
+
+def test_replicate_degree_defaults_to_the_nodes_and_must_divide_the_ranks(tmp_path, markov_dir, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.mesh_shape("hsdp", 32) == (4, 8)  # 4 nodes of 8: shard within each, replicate across
+    assert distributed.mesh_shape("hsdp", 32, replicate_degree=2) == (2, 16)
+    assert distributed.mesh_shape("fsdp", 32) == (32,) and distributed.mesh_shape("ddp", 32) is None
+    with pytest.raises(UserError, match="--replicate-degree 3 must divide the 32 processes"):
+        distributed.mesh_shape("hsdp", 32, replicate_degree=3)
+    result = run_train(*COMMON, "--data-dir", markov_dir, "--out-dir", tmp_path / "out", "--max-steps", 1,
+                       "--parallel", "fsdp", "--replicate-degree", 2, check=False)
+    assert_one_line_error(result, "--replicate-degree is for --parallel hsdp")
+    assert not (tmp_path / "out").exists()  # refused before the run folder is touched

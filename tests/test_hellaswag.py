@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import distributed
 import export_hf
 import hellaswag
 from config import GPTConfig
 from errors import UserError
-from helpers import TORCHRUN, assert_one_line_error, hf_gpt2, perturb, run_cli, shared_data, write_jsonl
+from helpers import (COMMON, TORCHRUN, assert_one_line_error, hf_gpt2, perturb, read_log, run_cli, run_train,
+                     shared_data, write_jsonl)
 from model import CausalLM, build_model
+from tokenizer import load_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -236,7 +239,7 @@ def test_cli_scores_a_modern_checkpoint_as_transformers_scores_its_qwen3_export(
     (lambda tmp: ["--data", write_jsonl(tmp / "bad.jsonl", [example(), example(label=7)])], "bad.jsonl:2: label"),
     (lambda tmp: ["--data", tmp / "missing.jsonl"], "cannot read HellaSwag data"),
     (lambda tmp: ["--checkpoint", tmp], "no checkpoint in"),
-    (lambda tmp: ["--batch-size", 0], "--batch-size must be at least 1"),
+    (lambda tmp: ["--batch-size", -1], "--batch-size and --limit must be at least 0"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, make_args, message):
     good_data = write_jsonl(tmp_path / "good.jsonl", [example()])
@@ -263,3 +266,47 @@ def test_init_from_takes_the_canonical_hub_name(tmp_path, monkeypatch, hellaswag
                    1, "--device", "cpu")
     assert proc.returncode != 0 and "cannot download gpt2-medium from the Hugging Face hub" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_even_shares_run_the_same_forwards_on_every_rank_and_count_like_one_process(enc, real_examples):
+    """Ranks of a sharded model must run the same number of forwards: 11 rows on 2 ranks are 6 and 5, the second
+    filled up with a repeat that is not counted; the two tallies add up to one process's."""
+    model = build_model(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128)).eval()
+    forwards = []
+    model.hidden = lambda *args, _hidden=model.hidden, **kwargs: forwards.append(1) or _hidden(*args, **kwargs)
+    examples = real_examples[:11]
+    whole = hellaswag.tally(model, enc, examples, CPU, torch.float32, batch_size=2)
+    shares = []
+    for rank in range(2):
+        forwards.clear()
+        world = distributed.World(rank=rank, world_size=2)
+        shares.append((hellaswag.tally(model, enc, examples, CPU, torch.float32, batch_size=2, world=world,
+                                       even=True), len(forwards)))
+    assert [n for _, n in shares] == [3, 3]  # 6 rows in batches of 2 on both ranks
+    assert torch.equal(shares[0][0] + shares[1][0], whole) and whole[2] == 11
+
+
+def test_examples_per_forward_fits_the_budget():
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # GPT-2: logits of 50,304 columns
+    encoded = [([1] * 60, [[2] * 20] * 4)]  # a row of 140 tokens, 80 of them scored
+    per_example = 80 * 50304 * 4 + 140 * 768 * 16 * 4 + 140 * 140 * (1 + 4 * 12)
+    n = hellaswag.examples_per_forward(cfg, encoded, CPU, torch.float32)
+    assert n == hellaswag.CPU_BUDGET // per_example == 11
+    assert hellaswag.examples_per_forward(cfg, encoded, CPU, torch.bfloat16) > n  # half the bytes a logit
+    tiny = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64, vocab_size=100)
+    assert hellaswag.examples_per_forward(tiny, encoded, CPU, torch.float32) == hellaswag.MAX_EXAMPLES
+
+
+@pytest.mark.slow
+def test_under_fsdp_two_ranks_split_the_rows_and_score_like_one_process(tmp_path, english_dir, hellaswag_file):
+    """train.py's HellaSwag on 2 FSDP ranks (11 rows: shares of 6 and 5) gives one process's accuracy on the
+    same checkpoint."""
+    out = tmp_path / "out"
+    run_train(*COMMON, "--batch-size", 2, "--block-size", 128, "--total-batch-size", 2 * 128 * 2, "--data-dir",
+              english_dir, "--out-dir", out, "--max-steps", 2, "--parallel", "fsdp", "--hellaswag-interval", 2,
+              "--hellaswag-limit", 11, "--hellaswag-data", hellaswag_file, torchrun=2)
+    model, tokenizer = checkpoint.load_model(str(out / "ckpt_0000002"))
+    one = hellaswag.evaluate(model, load_tokenizer(tokenizer), hellaswag.load_examples(str(hellaswag_file), 11), CPU,
+                             torch.float32)
+    assert (read_log(out, "hellaswag_acc")[2], read_log(out, "hellaswag_acc_norm")[2]) == (one["acc"],
+                                                                                           one["acc_norm"])
