@@ -17,7 +17,7 @@ from config import GPTConfig, RunOptions, TrainConfig
 from errors import UserError
 from model import CausalLM
 from run import resume_checkpoint
-from tokenizer import same_tokenizer
+from tokenizer import GPT2_EOT, same_tokenizer
 
 # Model fields a flag may set for the new run: how the weights are trained (dropout, document masking) or laid out
 # in memory (padding), not what they are; unset, they are the source's. block_size may shrink; the rest is the
@@ -36,6 +36,13 @@ def initial_model(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, expl
     if not cfg.init_from:
         return model_cfg, cfg, None
     source, tokenizer = load_source(cfg.init_from)
+    if tokenizer == "gpt2" and source.config.vocab_size != GPT2_EOT + 1 and checkpoint.hf_arch(cfg.init_from):
+        # A transformers folder of another vocabulary and no tokenizer file of ours: its tokenizer is unknown here,
+        # so the data's is taken on trust (its size is still checked).
+        tokenizer = meta["tokenizer"]
+        if announce:
+            print(f"note: --init-from {cfg.init_from} has {source.config.vocab_size} tokens and no kit_tokenizer file: "
+                  f"assuming it was trained with the data's tokenizer, {os.path.basename(tokenizer)}", flush=True)
     check_data(source.config, tokenizer, meta, cfg)
     return fitted_config(source.config, model_cfg, explicit, cfg.init_from), cfg, source
 

@@ -151,6 +151,24 @@ def test_continued_pretraining_from_a_run_on_other_data(tmp_path, markov_dir):
     assert losses[30] < losses[0] - 0.05, losses
 
 
+def test_a_transformers_folder_of_another_vocabulary_takes_the_datas_tokenizer(tmp_path, markov_dir):
+    """No tokenizer file and not GPT-2's 50,257 tokens: the data's tokenizer is assumed, with a note, and the
+    vocabulary sizes must agree."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    theirs = perturb(GPT2LMHeadModel(GPT2Config(n_layer=HF_LAYERS, n_head=HF_HEADS, n_embd=HF_EMBD, n_positions=T,
+                                                vocab_size=8)))
+    theirs.save_pretrained(tmp_path / "hf")
+    data = tmp_path / "data"
+    markov.write_data(data, n_train=5_000, n_val=2_000, tokenizer="my-bpe")
+    result = run_train(*FLAGS, "--init-from", tmp_path / "hf", "--data-dir", data, "--out-dir", tmp_path / "out",
+                       "--max-steps", 1)
+    assert "assuming it was trained with the data's tokenizer, my-bpe" in result.stdout
+    expected = reference_val_loss(lambda x: theirs(x).logits, data)
+    assert read_log(tmp_path / "out", "val_loss")[0] == pytest.approx(expected, abs=1e-5)
+
+
 def test_data_of_another_tokenizer_is_refused(tmp_path, monkeypatch, capsys, hf_dirs, gpt2_tiktoken):
     """GPT-2's rank file with two ranks swapped: the same name and size, another tokenizer."""
     lines = gpt2_tiktoken.read_bytes().splitlines(keepends=True)
