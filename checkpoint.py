@@ -165,8 +165,8 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_help: str):
     source.add_argument("--checkpoint", default="out",
                         help="a checkpoint, or a run folder to take its newest checkpoint from (default: %(default)s)")
     source.add_argument("--init-from", metavar="NAME_OR_DIR",
-                        help="OpenAI GPT-2 instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl, with or "
-                             "without openai-community/; downloaded once)")
+                        help="a Hugging Face folder instead (GPT-2 or Qwen3 layout), or OpenAI's GPT-2 by hub name "
+                             "(gpt2 ... gpt2-xl, with or without openai-community/; downloaded once)")
     parser.add_argument("--tokenizer", help="gpt2 or a .tiktoken file (default: the one the model names)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=dtype_help)
