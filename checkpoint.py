@@ -266,7 +266,7 @@ def _load_qwen3(folder: str) -> CausalLM:
         hf = json.load(f)
     try:
         rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # transformers 5, 4.x
-        cfg = GPTConfig(arch="modern", bias=False, n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+        cfg = GPTConfig(arch="modern", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                         n_embd=hf["hidden_size"], vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope["rope_theta"],
                         tie_embeddings=hf.get("tie_word_embeddings", False))
