@@ -184,11 +184,12 @@ def load_from_args(args, device) -> tuple[GPT, object, str]:
     return model, enc, source
 
 
-def load_train_state(ckpt: str) -> dict:
-    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code."""
+def load_train_state(ckpt: str, mmap: bool = False) -> dict:
+    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code. mmap:
+    tensors stay on disk until touched (a look at the recipe costs nothing, however large the optimizer)."""
     path = os.path.join(ckpt, "state.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed; move it out "
                         f"of the run folder to resume from an earlier checkpoint")

@@ -49,7 +49,7 @@ def initial_model(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, expl
 
 def continued(ckpt: str, model_cfg: GPTConfig, cfg: TrainConfig, explicit: set,
               announce: bool) -> tuple[GPTConfig, TrainConfig]:
-    saved = checkpoint.load_train_state(ckpt)["train_config"].get("init_from")
+    saved = checkpoint.load_train_state(ckpt, mmap=True)["train_config"].get("init_from")
     if cfg.init_from and cfg.init_from != saved:
         raise UserError(f"--init-from {cfg.init_from} with --resume: {ckpt} continues a run that began from "
                         f"{saved or 'random weights'}, and a resume's weights are its checkpoint's; drop --init-from "
