@@ -273,7 +273,8 @@ def _load_qwen3(folder: str) -> CausalLM:
                         tie_embeddings=hf.get("tie_word_embeddings", False))
         # What --arch modern fixes, where Qwen3 lets a config choose.
         fixed = {"num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu",
-                 "intermediate_size": cfg.swiglu_hidden_size, "attention_bias": False, "rope_scaling": None}
+                 "intermediate_size": cfg.swiglu_hidden_size, "attention_bias": False, "rope_scaling": None,
+                 "use_sliding_window": False}
         unfit = [f"{key} {hf[key]} (not {want})" for key, want in fixed.items() if hf.get(key, want) != want]
     except (KeyError, TypeError) as e:
         raise UserError(f"cannot read a Qwen3 config from {path}: {e!r}")
