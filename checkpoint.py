@@ -32,7 +32,7 @@ from atomic import atomic_write
 from config import GPTConfig
 from hardware import DTYPES
 from errors import UserError, first_line
-from model import GPT, build_model
+from model import GPT, CausalLM, build_model, hf_state_dict
 from tokenizer import load_tokenizer
 
 # Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
@@ -68,7 +68,7 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return [os.path.join(out_dir, n) for n in sorted(names, key=checkpoint_step)]
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str, flag: str = "--checkpoint") -> str:
     """path itself if it is a checkpoint, else the newest checkpoint of the run folder path, else of the one run
     folder inside path that has checkpoints (two or more are ambiguous: the user names one)."""
     if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
@@ -79,9 +79,9 @@ def find_checkpoint(path: str) -> str:
     runs = [os.path.join(path, sub) for sub in sorted(os.listdir(path))] if os.path.isdir(path) else []
     runs = [run for run in runs if list_checkpoints(run)]
     if len(runs) > 1:
-        raise UserError(f"{path} holds several runs ({', '.join(runs)}); name one with --checkpoint DIR")
+        raise UserError(f"{path} holds several runs ({', '.join(runs)}); name one with {flag} DIR")
     if not runs:
-        raise UserError(f"no checkpoint in {path}: train one with train.py, or name one with --checkpoint DIR")
+        raise UserError(f"no checkpoint in {path}: train one with train.py, or name one with {flag} DIR")
     return list_checkpoints(runs[0])[-1]
 
 
@@ -142,16 +142,18 @@ def copy_tokenizer(ranks: str, folder: str) -> None:
         shutil.copyfile(sidecar, os.path.join(folder, SIDECAR))
 
 
-def load_model(source: str, device="cpu") -> tuple[GPT, str]:
+def load_model(source: str, device="cpu") -> tuple[CausalLM, str]:
     """The one way every script gets a model: (model in eval mode, tokenizer spec).
 
-    source: a checkpoint folder, a run folder (its newest checkpoint), a Hugging Face GPT-2 folder,
-    or a hub name (gpt2 ... gpt2-xl). A checkpoint's tokenizer is its own; GPT-2's is "gpt2".
+    source: a checkpoint folder, a run folder (its newest checkpoint), a Hugging Face folder of GPT-2 or Qwen3
+    layout, or a hub name (gpt2 ... gpt2-xl). A checkpoint's tokenizer is its own; a Hugging Face folder's is the
+    kit's tokenizer file in it (export_hf.py puts it there), else GPT-2's, "gpt2".
     """
-    if os.path.isdir(source) and not _is_hf_folder(source):
+    arch = hf_arch(source) if os.path.isdir(source) else "gpt2"  # a name is one of OpenAI's GPT-2s
+    if arch is None:
         model, tokenizer = _load_ours(find_checkpoint(source))
     else:
-        model, tokenizer = GPT.from_pretrained(source), "gpt2"
+        model, tokenizer = GPT.from_pretrained(source) if arch == "gpt2" else _load_qwen3(source), "gpt2"
         if os.path.isfile(os.path.join(source, RANKS)):  # an export of ours keeps its own tokenizer
             tokenizer = os.path.join(source, RANKS)
     return model.to(device).eval(), tokenizer
@@ -163,8 +165,8 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_help: str):
     source.add_argument("--checkpoint", default="out",
                         help="a checkpoint, or a run folder to take its newest checkpoint from (default: %(default)s)")
     source.add_argument("--init-from", metavar="NAME_OR_DIR",
-                        help="OpenAI GPT-2 instead: a Hugging Face folder, or a hub name (gpt2 ... gpt2-xl, with or "
-                             "without openai-community/; downloaded once)")
+                        help="a Hugging Face folder instead (GPT-2 or Qwen3 layout), or OpenAI's GPT-2 by hub name "
+                             "(gpt2 ... gpt2-xl, with or without openai-community/; downloaded once)")
     parser.add_argument("--tokenizer", help="gpt2 or a .tiktoken file (default: the one the model names)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=dtype_help)
@@ -182,11 +184,12 @@ def load_from_args(args, device) -> tuple[GPT, object, str]:
     return model, enc, source
 
 
-def load_train_state(ckpt: str) -> dict:
-    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code."""
+def load_train_state(ckpt: str, mmap: bool = False) -> dict:
+    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code. mmap:
+    tensors stay on disk until touched (a look at the recipe costs nothing, however large the optimizer)."""
     path = os.path.join(ckpt, "state.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed; move it out "
                         f"of the run folder to resume from an earlier checkpoint")
@@ -245,12 +248,65 @@ def load_optimizer_shards(model, optimizer, ckpt: str):
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def _is_hf_folder(path: str) -> bool:
+def hf_arch(path: str) -> Optional[str]:
+    """"gpt2" or "qwen3" for a Hugging Face model folder of that layout, None for anything else (ours among them)."""
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return "n_layer" in json.load(f)  # HF GPT-2 keeps fields at the top; ours nest them under "model"
+            config = json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
+    if "n_layer" in config:  # HF GPT-2 keeps fields at the top; ours nest them under "model"
+        return "gpt2"
+    return "qwen3" if config.get("model_type") == "qwen3" else None
+
+
+def _load_qwen3(folder: str) -> CausalLM:
+    """A Qwen3ForCausalLM folder as --arch modern, whose modules carry Qwen3's names: the weights map one to one."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    try:
+        rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # transformers 5, 4.x
+        cfg = GPTConfig(arch="modern", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                        n_embd=hf["hidden_size"], vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope["rope_theta"],
+                        tie_embeddings=hf.get("tie_word_embeddings", False))
+        # What --arch modern fixes, where Qwen3 lets a config choose.
+        fixed = {"num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu",
+                 "intermediate_size": cfg.swiglu_hidden_size, "attention_bias": False, "rope_scaling": None,
+                 "use_sliding_window": False}
+        unfit = [f"{key} {hf[key]} (not {want})" for key, want in fixed.items() if hf.get(key, want) != want]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"cannot read a Qwen3 config from {path}: {e!r}")
+    if unfit or rope.get("rope_type", "default") != "default":
+        raise UserError(f"{path}: {', '.join(unfit) or 'rope scaling'}: --arch modern has one key-value head per "
+                        f"query head, SwiGLU at its own width and plain rotary positions, so this Qwen3 does not fit")
+    model = build_model(cfg)
+    copy_weights(hf_state_dict(folder), model, folder)
+    return model
+
+
+# Tables indexed by token or position: a padded vocabulary, a position table cropped to a shorter block.
+ROW_TABLES = ("transformer.wte.weight", "transformer.wpe.weight", "model.embed_tokens.weight", HEAD)
+
+
+def copy_weights(weights: dict, model: CausalLM, source: str) -> None:
+    """weights into model, key by key and shape by shape, except that only the leading rows of the ROW_TABLES are
+    copied (the real vocabulary of a padded table, or the first block_size positions)."""
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            target = own.pop(key, None)
+            if target is not None and key in ROW_TABLES:
+                rows = min(len(target), len(tensor))
+                target, tensor = target[:rows], tensor[:rows]
+            if target is None or target.shape != tensor.shape:
+                raise UserError(f"{source}: weight {key} {tuple(tensor.shape)} does not fit the model its "
+                                f"config.json describes; the folder is corrupt or of another architecture")
+            target.copy_(tensor)
+    missing = sorted(set(own) - ({HEAD} if model.config.tie_embeddings else set()))
+    if missing:
+        raise UserError(f"{source} lacks weights {', '.join(missing[:3])}: it is incomplete")
 
 
 def _os_reason(e: BaseException) -> str:

@@ -50,6 +50,7 @@ class GPTConfig:
 class TrainConfig:
     data_dir: str = "data/fineweb-edu"  # shards and meta.json written by prepare_data.py; A,B mixes several folders
     data_weights: Optional[str] = None  # with several --data-dir folders: their weights, e.g. 3,1; default equal
+    init_from: Optional[str] = None  # start from trained weights: gpt2 ... gpt2-xl, an HF folder, a run (finetune.py)
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16

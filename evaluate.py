@@ -51,7 +51,7 @@ class Evaluator:
         packed HellaSwag scorer, which call the model's parts."""
         cfg, max_steps = self.cfg, self.cfg.max_steps
         if due(step, cfg.eval_interval, max_steps):
-            error = self._val_loss(step, model)
+            error = self.val_loss(step, model)
             if error:
                 return error
         if self.examples is not None and due(step, cfg.hellaswag_interval, max_steps):
@@ -64,7 +64,7 @@ class Evaluator:
             return distributed.attempt(self._sample, step, raw_model) if sampling else distributed.agree(None)
         return None
 
-    def _val_loss(self, step: int, model) -> Optional[BaseException]:
+    def val_loss(self, step: int, model) -> Optional[BaseException]:
         """Each data folder's val loss, and as val_loss their mean weighted as the training mixture is: every
         folder's local sum first, then one collective for all of them."""
         totals = torch.zeros(len(self.val_loaders), device=self.world.device)

@@ -221,7 +221,7 @@ class GPT(CausalLM):
         folder = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
         cfg = _config_from_hf(folder)
         model = cls(cfg)
-        sd = _hf_state_dict(folder)
+        sd = hf_state_dict(folder)
         own = model.state_dict()
         with torch.no_grad():
             for key, tensor in sd.items():
@@ -311,7 +311,8 @@ def _config_from_hf(folder: str) -> GPTConfig:
         raise UserError(f"cannot read a GPT-2 config from {path}: {e!r}")
 
 
-def _hf_state_dict(folder: str) -> dict:
+def hf_state_dict(folder: str) -> dict:
+    """The weights of a Hugging Face folder (safetensors, or a .bin read without unpickling code)."""
     st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     try:
         if os.path.exists(st):

@@ -206,6 +206,15 @@ def lock(out_dir: str):
     _held.append(f)  # held until this process ends
 
 
+def resume_checkpoint(out_dir: str, opts: RunOptions) -> Optional[str]:
+    """The checkpoint choose_checkpoint will resume from, looked up without touching the folder (None: a fresh
+    run), for what must be settled before the Run exists (finetune.py: the architecture)."""
+    found = checkpoint.list_checkpoints(out_dir) if opts.resume else []
+    if opts.resume_step is not None:
+        found = [p for p in found if checkpoint.checkpoint_step(p) == opts.resume_step]
+    return found[-1] if found else None
+
+
 def choose_checkpoint(out_dir: str, opts: RunOptions) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run, after making the folder fit for it."""
     found = checkpoint.list_checkpoints(out_dir)

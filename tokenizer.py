@@ -6,6 +6,7 @@ with GPT-2's split pattern and <|endoftext|> right after the last rank, which ma
 exactly tiktoken's "gpt2" encoding.
 """
 import base64
+import hashlib
 import binascii
 import json
 from pathlib import Path
@@ -20,6 +21,10 @@ EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer split, in tiktoken's faster but equivalent possessive spelling.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 MAX_UINT16_VOCAB = 65536  # shards store token ids as uint16
+# GPT-2's 50,256 ranks written as a rank file (save_tokenizer's format, as ../shared/data/gpt2.tiktoken), and its
+# <|endoftext|>: what makes a file the same tokenizer as the name "gpt2" without downloading that.
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_EOT = 50256
 
 
 def load_tokenizer(spec: str) -> tiktoken.Encoding:
@@ -40,11 +45,23 @@ def load_tokenizer(spec: str) -> tiktoken.Encoding:
 
 
 def same_tokenizer(a: str, b: str) -> bool:
-    """Whether two specs (as load_tokenizer takes them) are one tokenizer: the same name, or rank files whose
-    contents, sidecar included, are equal wherever they lie."""
-    if not (Path(a).is_file() and Path(b).is_file()):
+    """Whether two specs (as load_tokenizer takes them) are one tokenizer: the same name, rank files whose
+    contents, sidecar included, are equal wherever they lie, or "gpt2" and a file holding exactly its ranks."""
+    a_file, b_file = Path(a).is_file(), Path(b).is_file()
+    if a_file != b_file:
+        name, path = (b, a) if a_file else (a, b)
+        return name == "gpt2" and is_gpt2(path)
+    if not a_file:
         return a == b
     return all(_read_or_none(p) == _read_or_none(q) for p, q in ((a, b), (_sidecar(a), _sidecar(b))))
+
+
+def is_gpt2(path: str) -> bool:
+    """Whether a rank file is tiktoken's gpt2: OpenAI's ranks (as a rank file, byte for byte), GPT-2's split
+    pattern and <|endoftext|> after them, whether a sidecar says so or none does."""
+    if hashlib.sha256(Path(path).read_bytes()).hexdigest() != GPT2_RANKS_SHA256:
+        return False
+    return _read_sidecar(path, n_ranks=GPT2_EOT) == (GPT2_PATTERN, {EOT: GPT2_EOT})
 
 
 def _read_or_none(path) -> Optional[bytes]:

@@ -14,8 +14,10 @@ from typing import Optional
 
 import torch
 
+import checkpoint
 import hardware
 import distributed
+import finetune
 from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs, \
     resolve
 from dataloader import DataLoader, DeviceBatches, Mixture, common_meta, parse_sources
@@ -46,6 +48,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     hardware.configure_matmul(device)
     sources = parse_sources(cfg.data_dir, cfg.data_weights)
     meta = common_meta(sources)
+    model_cfg, cfg, source = finetune.initial_model(model_cfg, cfg, opts, explicit, meta, master)
     model_cfg, cfg = resolve(model_cfg, cfg, explicit, meta, device.type)
     accum = grad_accum_steps(cfg, model_cfg.block_size, world.world_size)
     train_loader = Mixture(sources, "train", cfg.batch_size, model_cfg.block_size, world.rank, world.world_size,
@@ -59,6 +62,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
     step = run.restore(raw_model, train_loader)
+    from_weights = source is not None  # a fresh run from trained weights (finetune.py); a resume's are in its ckpt
+    if from_weights:
+        checkpoint.copy_weights(source.state_dict(), raw_model, cfg.init_from)
+        del source  # its memory is the model's again
     batches = DeviceBatches(train_loader, device)
     model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, mesh)  # what forward/backward run
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
@@ -69,6 +76,11 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     stop = StopFlag()
     if master:
         print_setup(raw_model, model_cfg, cfg, world, dtype, accum, step, run.start)
+
+    if from_weights and cfg.eval_interval:  # where the source stands on this data, logged as step 0
+        error = evaluator.val_loss(0, model)
+        if error:
+            raise error
 
     # ---- the loop. The loss stays on the device between logging steps: no host synchronisation there.
     losses, nonfinite, timer = [], torch.zeros((), device=device), StepTimer(device, first_step=step)
@@ -181,7 +193,8 @@ def print_setup(raw_model, model_cfg: GPTConfig, cfg: TrainConfig, world, dtype,
     print(f"model {count_params(model_cfg) / 1e6:.1f}M params | {world.world_size} process(es) on {world.device}, "
           f"{str(dtype).removeprefix('torch.')}, compile {'on' if cfg.compile else 'off'} | "
           f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {model_cfg.block_size} x "
-          f"{world.world_size} x {accum} accum | " + (f"resumed at step {step} from {start}" if start else "fresh"),
+          f"{world.world_size} x {accum} accum | " + (f"resumed at step {step} from {start}" if start else "fresh") +
+          (f", from the weights of {cfg.init_from}" if cfg.init_from and not start else ""),
           flush=True)
     # Parameters, gradients and AdamW's two moments, all float32: 4x the parameters this rank holds (Muon keeps
     # one moment for its matrices, so a little less there).

@@ -293,3 +293,6 @@ def test_modern_exports_as_qwen3_with_equal_logits_and_greedy_tokens(tmp_path, t
     assert hf_tokens.tolist() == ours.tolist()
     params = sum(p.numel() for p in theirs.parameters())
     assert f"| parameters | {params:,} |" in (out / "README.md").read_text()
+    back, tokenizer = checkpoint.load_model(str(out))  # --init-from the export: the Qwen3 loader reads it back
+    assert back.config == model.config and tokenizer == str(out / checkpoint.RANKS)
+    assert torch.equal(back(idx)[0], model(idx)[0])

@@ -8,7 +8,7 @@ import pytest
 import tiktoken
 
 from errors import UserError
-from tokenizer import check_uint16, load_tokenizer, train_tokenizer
+from tokenizer import check_uint16, load_tokenizer, same_tokenizer, save_tokenizer, train_tokenizer
 
 TRICKY = "Hello 😀 世界! naïve café\t\ttabs\r\nwindows\n\n\n   spaces   \u00a0nbsp 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ١٢٣ 'll've"
 
@@ -119,3 +119,17 @@ def test_text_with_too_few_pairs_gives_a_smaller_vocab(tmp_path):
     assert 257 < enc.n_vocab < 4096 and enc.eot_token == enc.n_vocab - 1
     assert len(enc.encode_ordinary("hello world")) == 2  # each word became one token
     assert load_tokenizer(str(tmp_path / "t.tiktoken")).n_vocab == enc.n_vocab
+
+
+def test_the_name_gpt2_is_the_same_tokenizer_as_a_file_of_its_ranks(tmp_path, gpt2_tiktoken):
+    """OpenAI's rank file, and the copy prepare_data.py writes with its sidecar, are "gpt2"; the same file with a
+    sidecar that moves <|endoftext|>, or another tokenizer's file, is not."""
+    copy = tmp_path / "copy.tiktoken"
+    save_tokenizer(load_tokenizer(str(gpt2_tiktoken)), str(copy))
+    assert same_tokenizer("gpt2", str(gpt2_tiktoken)) and same_tokenizer(str(copy), "gpt2")
+    sidecar = json.loads(copy.with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**sidecar, "special_tokens": {"<|endoftext|>": 50300}}))
+    assert not same_tokenizer("gpt2", str(copy))
+    other = tmp_path / "other.tiktoken"
+    train_tokenizer(["a cat sat on the mat. "] * 20, 300, str(other))
+    assert not same_tokenizer("gpt2", str(other)) and not same_tokenizer("cl100k_base", str(gpt2_tiktoken))
