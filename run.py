@@ -65,11 +65,14 @@ class Run:
         self.kept = (decay_start(cfg),) if cfg.lr_schedule == "wsd" else ()
         self.log = RunLog(cfg.out_dir, world.is_master, cfg.max_steps)
 
-    def restore(self, raw_model, loader) -> int:
+    def restore(self, raw_model, loader, source=None) -> int:
         """Weights, data position and RNG streams of the start checkpoint into raw_model and loader; the step to go
-        on from (0 for a fresh run, whose RNG streams are seeded per rank). Starts the log at that step."""
+        on from (0 for a fresh run, whose RNG streams are seeded per rank). A fresh run from trained weights
+        (--init-from, finetune.py) takes source's. Starts the log at that step."""
         rank, world_size = self.world.rank, self.world.world_size
         if self.state is None:
+            if source is not None:
+                checkpoint.copy_weights(source.state_dict(), raw_model, self.cfg.init_from)
             torch.manual_seed(self.cfg.seed + rank)  # dropout differs per rank
             step = 0
         else:

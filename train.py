@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 
-import checkpoint
 import hardware
 import distributed
 import finetune
@@ -61,11 +60,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     run = Run(model_cfg, cfg, opts, world, meta["tokenizer"], train_loader.identity())  # see run.py for the order
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = build_model(model_cfg).to(device)  # the module itself: what is saved, evaluated and sampled
-    step = run.restore(raw_model, train_loader)
-    from_weights = source is not None  # a fresh run from trained weights (finetune.py); a resume's are in its ckpt
-    if from_weights:
-        checkpoint.copy_weights(source.state_dict(), raw_model, cfg.init_from)
-        del source  # its memory is the model's again
+    step = run.restore(raw_model, train_loader, source)
+    from_weights, source = source is not None, None  # a fresh run from trained weights; its copy's memory is freed
     batches = DeviceBatches(train_loader, device)
     model = distributed.wrap(raw_model, cfg.parallel, world, dtype, cfg.compile, mesh)  # what forward/backward run
     optimizer = build_optimizer(raw_model, cfg, device)  # after wrap: under FSDP it must hold the sharded parameters
