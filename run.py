@@ -15,6 +15,7 @@ train.py drives a Run in this order, each step needing the one before:
     run.restore_optimizer(raw_model, optimizer) the moments: after wrapping (FSDP's optimizer holds shards)
     run.maybe_save(step, ...)          each step: saves at the interval, the final step and the kept wsd one
 """
+import copy
 import dataclasses
 import errno
 import math
@@ -73,7 +74,7 @@ class Run:
             torch.manual_seed(self.cfg.seed + rank)  # dropout differs per rank
             step = 0
         else:
-            raw_model.load_state_dict(checkpoint.load_model(self.start)[0].state_dict())
+            checkpoint.load_weights(raw_model, self.start)
             loader.load_state_dict(self.state["train_loader"])
             step = self.state["step"]
             # Per-rank RNG streams continue exactly on the same world size; on another, each rank starts a new one.
@@ -88,8 +89,11 @@ class Run:
         return step
 
     def restore_optimizer(self, raw_model, optimizer):
-        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded)."""
-        if self.state is None:
+        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded). The
+        start's state is dropped here: its tensors map state.pt (checkpoint.load_train_state), which must not stay
+        open for the run (a pruned checkpoint's file could not be freed)."""
+        state, self.state = self.state, None
+        if state is None:
             return
         if checkpoint.has_optimizer_shards(self.start):
             load_optimizer_state(optimizer, lambda: checkpoint.load_optimizer_shards(raw_model, optimizer, self.start))
@@ -97,7 +101,10 @@ class Run:
             raise UserError(f"--resume: {self.start} was written by a --parallel ddp run; resume it with --parallel "
                             f"ddp (an fsdp run saves its optimizer in shards, a ddp run whole)")
         else:
-            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(self.state["optimizer"]))
+            moments = state["optimizer"]
+            if self.world.device.type == "cpu":  # load_state_dict keeps CPU tensors as given (a GPU copies them)
+                moments = copy.deepcopy(moments)
+            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(moments))
 
     def save_due(self, step: int) -> bool:
         """At the checkpoint interval, at the final step, and at the wsd checkpoint that is kept."""
