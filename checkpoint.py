@@ -182,13 +182,13 @@ def load_from_args(args, device) -> tuple[GPT, object, str]:
     return model, enc, source
 
 
-def load_train_state(ckpt: str) -> dict:
-    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code."""
+def load_train_state(ckpt: str, mmap: bool = True) -> dict:
+    """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code. mmap:
+    tensors are pages of the file, read as they are used (by a copy to a GPU, say) and shared by the processes
+    of a node, so no process holds the whole file in its own memory; else read whole."""
     path = os.path.join(ckpt, "state.pt")
     try:
-        # Memory-mapped: tensors are read from the file as they are used (a rank that needs the optimizer moments
-        # copies them to its device; pages of the file are shared by the ranks of a node), never whole into RAM.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{ckpt} has no state.pt: it holds weights only and cannot be resumed; move it out "
                         f"of the run folder to resume from an earlier checkpoint")

@@ -15,7 +15,6 @@ train.py drives a Run in this order, each step needing the one before:
     run.restore_optimizer(raw_model, optimizer) the moments: after wrapping (FSDP's optimizer holds shards)
     run.maybe_save(step, ...)          each step: saves at the interval, the final step and the kept wsd one
 """
-import copy
 import dataclasses
 import errno
 import math
@@ -59,7 +58,10 @@ class Run:
                  tokenizer: str, data: list):
         self.model_cfg, self.cfg, self.world, self.tokenizer, self.data = model_cfg, cfg, world, tokenizer, data
         self.start, self.run_id = choose_start(cfg.out_dir, opts, world)
-        self.state = checkpoint.load_train_state(self.start) if self.start else None
+        # A CPU run keeps the optimizer moments in its own memory: read whole, they are its moments. On a GPU they
+        # are copied to the device from the mapped file, and host memory holds no copy of its own.
+        mapped = world.device.type != "cpu"
+        self.state = checkpoint.load_train_state(self.start, mmap=mapped) if self.start else None
         if self.state is not None:
             check_resume(self.start, self.state, model_cfg, cfg, opts, data)
         # A wsd run keeps the checkpoint where its decay starts: a longer run (larger --max-steps) extends from it.
@@ -90,8 +92,7 @@ class Run:
 
     def restore_optimizer(self, raw_model, optimizer):
         """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded). The
-        start's state is dropped here: its tensors map state.pt (checkpoint.load_train_state), which must not stay
-        open for the run (a pruned checkpoint's file could not be freed)."""
+        start's state is dropped here: its tensors may map state.pt, which must not stay open for the run."""
         state, self.state = self.state, None
         if state is None:
             return
@@ -101,10 +102,7 @@ class Run:
             raise UserError(f"--resume: {self.start} was written by a --parallel ddp run; resume it with --parallel "
                             f"ddp (an fsdp run saves its optimizer in shards, a ddp run whole)")
         else:
-            moments = state["optimizer"]
-            if self.world.device.type == "cpu":  # load_state_dict keeps CPU tensors as given (a GPU copies them)
-                moments = copy.deepcopy(moments)
-            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(moments))
+            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(state["optimizer"]))
 
     def save_due(self, step: int) -> bool:
         """At the checkpoint interval, at the final step, and at the wsd checkpoint that is kept."""

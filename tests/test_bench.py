@@ -43,3 +43,11 @@ def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_pat
         for recipe in bench.RECIPES:
             assert f"| {corpus}: {recipe} | val loss " in text
     assert "FAILED" not in text and (tmp_path / "B-recipe.png").stat().st_size > 0
+
+
+def test_gpu_section_without_cuda_says_so_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "B.md"
+    result = run_cli("bench.py", "--only", "gpu", "--device", "cpu", "--out", out, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("no CUDA GPU here") == 1
+    assert not out.exists() and "Traceback" not in result.stderr
