@@ -813,6 +813,62 @@ def child_pids(pid: int) -> list:
     return pids
 
 
+# ---------------------------------------------------------------- 13. the CPU step against its matmul bound
+
+def bench_cpubound(b: Bench):
+    """train.train_step of GPT-2 124M (block 256, micro batch 4), bf16 autocast where the CPU has it, against the
+    tokens/s its GEMMs alone allow in that dtype; then torch.profiler's split of one step into GEMMs and the rest."""
+    fields, batch = train_shapes(b)["GPT-2 124M, block 256"]
+    cfg, dtype = GPTConfig(**fields), hardware.pick_dtype("auto", b.device)
+    tcfg = fill_schedule_defaults(TrainConfig(learning_rate=1e-3, warmup_steps=5, max_steps=100))
+    torch.manual_seed(0)
+    trainer = Trainer(b, cfg, batch, GPT(cfg).state_dict(), dtype, False, tcfg)
+    tokens = batch * cfg.block_size
+    step = b.interleaved({"step": trainer.step}, 1, b.q(4, 2))["step"]
+    bound = gemm_bound(cfg, batch, dtype)
+    name = f"{cfg.n_layer}x{cfg.n_embd} (GPT-2 124M at full size), {DTYPE_NAMES.get(dtype, str(dtype))}"
+    yield Row(f"{name}: the step's GEMMs alone (the bound)", f"{num(bound)} tok/s",
+              details=f"{batch} x {cfg.block_size} tokens: the block's four linears, attention's two products "
+                      f"(causal: half), the head; backward as twice the forward; each shape's fastest of 5 calls")
+    yield Row(f"{name}: train_step, eager", f"{num(step.rate(tokens))} tok/s", step.spread(tokens),
+              "shared, noisy machine: the ratio is the figure to read", f"{step.rate(tokens) / bound:.2f}x the bound")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.step()
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    gemm = sum(t for k, t in ops.items() if k in GEMM_OPS)
+    rest = sorted(((t, k) for k, t in ops.items() if k not in GEMM_OPS), reverse=True)[:6]
+    yield Row(f"{name}: GEMMs' share of one profiled step", f"{gemm / total:.0%}",
+              details="torch.profiler, self CPU time; the rest, most first: " + ", ".join(f"{k} {t / total:.0%}" for t, k in rest))
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def gemm_bound(cfg: GPTConfig, batch: int, dtype, repeats: int = 5) -> float:
+    """Tokens/s of a step that were nothing but its GEMMs, timed here in dtype (forward; backward counted as two
+    GEMMs of each forward's size)."""
+    n, c, t, hd = batch * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.n_embd // cfg.n_head
+    bh = batch * cfg.n_head
+    shapes = [((n, c), (c, 3 * c), cfg.n_layer), ((n, c), (c, c), cfg.n_layer), ((n, c), (c, 4 * c), cfg.n_layer),
+              ((n, 4 * c), (4 * c, c), cfg.n_layer), ((n, c), (c, cfg.padded_vocab_size), 1),
+              ((bh, t, hd), (bh, hd, t), cfg.n_layer / 2), ((bh, t, t), (bh, t, hd), cfg.n_layer / 2)]
+    seconds = 0.0
+    with torch.no_grad():
+        for a_shape, b_shape, count in shapes:
+            x, w = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
+            out = x @ w
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.matmul(x, w, out=out)
+                times.append(time.perf_counter() - start)
+            seconds += count * min(times)
+    return n / (3 * seconds)
+
+
 # ---------------------------------------------------------------- 12. one GPU machine
 
 GPU_BUDGET_S = 270  # the whole section; a part that would start after it is reported as not run
@@ -1009,6 +1065,7 @@ SECTIONS = {  # name: (title, function)
     "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
     "docmask": ("--doc-mask: a training step with the document mask", bench_docmask),
     "resumemem": ("Memory of a resume under torchrun", bench_resumemem),
+    "cpubound": ("The CPU step against its matmul bound", bench_cpubound),
     "gpu": ("GPT-2 124M on GPUs", bench_gpu),
 }
 OPT_IN = ("recipe", "gpu")  # recipe: half an hour on the 2-core dev CPU; gpu: CUDA, five minutes of GPU time
