@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import gzip
 import json
 import os
@@ -50,6 +51,7 @@ from model import GPT, estimate_mfu
 from optimizer import build_optimizer
 from log import read_log
 from schedule import lr_at
+from shards import write_shard
 from tinytales import generate_stories
 from tokenizer import load_tokenizer, train_tokenizer
 from train import train_step
@@ -167,6 +169,29 @@ class Bench:
             self.memo[("tinytales", tokens)] = folder
         return self.memo[("tinytales", tokens)]
 
+    def offline_tokenizer(self, docs: list, try_cache: bool = True) -> str:
+        """GPT-2's tokenizer where it can be read offline, else one of 4,096 tokens trained on docs. try_cache:
+        look in tiktoken's cache too, which downloads when it is empty (a machine cut off from the network may
+        hang there for minutes)."""
+        spec = self.gpt2_tokenizer()
+        if spec == "gpt2" and not (try_cache and tiktoken_gpt2_cached()):
+            spec = str(self.tmp / "tinytales.tiktoken")
+            train_tokenizer(iter(docs), 4096, spec)
+        return spec
+
+    def random_gpt2_data(self) -> str:
+        """A data folder of uniformly random tokens of GPT-2's vocabulary: GPT-2's shapes, for speed alone."""
+        if "random" not in self.memo:
+            folder = self.tmp / "random-gpt2"
+            folder.mkdir()
+            rng = np.random.default_rng(0)
+            for split, n in (("train", 8_000_000), ("val", 200_000)):
+                write_shard(str(folder / f"{split}_000000.bin"), rng.integers(0, 50257, n, dtype=np.uint16))
+            (folder / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256,
+                                                          "source": "random"}))
+            self.memo["random"] = str(folder)
+        return self.memo["random"]
+
     def gpt2_tokenizer(self) -> str:
         """GPT-2's ranks from the shared data folder when present (offline), else tiktoken's (downloaded once)."""
         path = SHARED_DATA / "gpt2.tiktoken"
@@ -185,23 +210,24 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
 
 
 class Trainer:
-    """One setting (dtype, compile) of one model: step() is train.py's train_step, micro batch = batch, on the
-    Markov data unless given a data folder."""
+    """One setting (dtype, compile) of one model: step() is train.py's train_step of `accum` micro batches of
+    `batch` rows, on the Markov data unless given a data folder."""
 
     def __init__(self, b: Bench, cfg: GPTConfig, batch: int, init: dict, dtype, compile_on: bool, tcfg,
-                 data: Optional[str] = None):
+                 data: Optional[str] = None, accum: int = 1):
         self.b, self.dtype, self.tcfg, self.data = b, dtype, tcfg, data or b.markov_data()
         self.raw = GPT(cfg).to(b.device)
         self.raw.load_state_dict(init)
         self.model = torch.compile(self.raw) if compile_on else self.raw
         self.optimizer = build_optimizer(self.raw, tcfg, b.device)
-        self.batch, self.block_size = batch, cfg.block_size
+        self.batch, self.block_size, self.accum = batch, cfg.block_size, accum
         self.batches = DeviceBatches(DataLoader(self.data, "train", batch, cfg.block_size), b.device)
         self.step_count = 0
 
     def step(self):
         lr = lr_at(self.step_count, self.tcfg)
-        loss, _ = train_step(self.model, self.optimizer, self.batches, 1, lr, self.tcfg.grad_clip, self.dtype)
+        loss, _ = train_step(self.model, self.optimizer, self.batches, self.accum, lr, self.tcfg.grad_clip,
+                             self.dtype)
         self.step_count += 1
         return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 
@@ -303,10 +329,7 @@ def bench_data(b: Bench):
 
 def bench_prepare(b: Bench):
     docs = list(generate_stories(b.q(2_000_000, 400_000), seed=0))
-    spec = b.gpt2_tokenizer()
-    if spec == "gpt2" and not tiktoken_gpt2_cached():  # offline and no shared copy: train tinytales' tokenizer
-        spec = str(b.tmp / "tinytales.tiktoken")
-        train_tokenizer(iter(docs), 4096, spec)
+    spec = b.offline_tokenizer(docs)
     enc = load_tokenizer(spec)
     n_tokens = sum(map(len, enc.encode_ordinary_batch(docs)))
     cores = os.cpu_count()
@@ -823,6 +846,300 @@ def muon_stepper(which: str, layout: str, width: int, world):
     return step
 
 
+# ---------------------------------------------------------------- 12. memory of a resume
+
+def bench_resumemem(b: Bench):
+    """Memory of each rank of a 2-process CPU resume (torchrun, DDP) that restores a checkpoint and stops before
+    a step, against the same ranks' fresh run of one step and a save: no rank should hold copies of the
+    checkpoint it does not need (issue 23). On a CPU state.pt is read whole (its moments are the run's); on a GPU
+    it is memory-mapped, which this CPU section cannot show."""
+    fields = b.q(dict(n_layer=8, n_head=8, n_embd=512), dict(n_layer=2, n_head=2, n_embd=64))
+    out = b.tmp / "resume-run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data-dir", b.markov_data(), "--out-dir", str(out), "--device", "cpu", "--block-size", "64",
+           *(f"--{k.replace('_', '-')}={v}" for k, v in fields.items()), "--batch-size", "2",
+           "--total-batch-size", "256", "--eval-interval", "0", "--hellaswag-interval", "0", "--sample-interval",
+           "0", "--log-interval", "1", "--dtype", "float32", "--compile", "false", "--max-steps", "1"]
+    fresh = rank_memory(cmd)  # one step, then ckpt_0000001
+    ckpt = Path(checkpoint.list_checkpoints(str(out))[-1])
+    sizes = {name: (ckpt / name).stat().st_size for name in ("model.safetensors", "state.pt")}
+    resumed = rank_memory(cmd + ["--resume"])  # at max_steps already: restores, then ends without a step
+    what = f"{fields['n_layer']}x{fields['n_embd']}, fp32, 2 CPU ranks (DDP, gloo)"
+    yield Row("checkpoint", f"{sum(sizes.values()) / MB:,.0f} MB",
+              details=f"{what}: weights {sizes['model.safetensors'] / MB:,.0f} MB, state.pt (AdamW moments) "
+                      f"{sizes['state.pt'] / MB:,.0f} MB")
+    yield Row("fresh run, one step and a save: peak RSS of the largest rank (baseline)", f"{fresh / MB:,.0f} MB",
+              details="VmHWM")
+    yield Row("resume, restore only: peak RSS of the largest rank", f"{resumed / MB:,.0f} MB",
+              details=f"VmHWM; {(resumed - fresh) / MB:+,.0f} MB against the fresh run",
+              ratio=f"{resumed / fresh:.2f}x")
+
+
+def rank_memory(cmd: list) -> int:
+    """Run cmd (torchrun); the largest peak RSS (VmHWM) of its ranks, its child processes, in bytes. VmHWM only
+    grows, so its last reading before a rank ends (read every 5 ms) is that rank's peak."""
+    peak, ranks = 0, []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            ranks = ranks if len(ranks) == 2 else child_pids(proc.pid)  # the two ranks, once both are up
+            for pid in ranks:
+                with contextlib.suppress(OSError, AttributeError):  # a rank that has just ended
+                    peak = max(peak, proc_status(pid, "VmHWM"))
+            time.sleep(0.005)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"torchrun train.py failed: {err.read()[-1500:]}")
+    return peak
+
+
+def child_pids(pid: int) -> list:
+    pids = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry))
+    return pids
+
+
+# ---------------------------------------------------------------- 13. the CPU step against its matmul bound
+
+def bench_cpubound(b: Bench):
+    """train.train_step of GPT-2 124M (block 256, micro batch 4), bf16 autocast where the CPU has it, against the
+    tokens/s its GEMMs alone allow in that dtype; then torch.profiler's split of one step into GEMMs and the rest."""
+    fields, batch = train_shapes(b)["GPT-2 124M, block 256"]
+    cfg, dtype = GPTConfig(**fields), hardware.pick_dtype("auto", b.device)
+    tcfg = fill_schedule_defaults(TrainConfig(learning_rate=1e-3, warmup_steps=5, max_steps=100))
+    torch.manual_seed(0)
+    trainer = Trainer(b, cfg, batch, GPT(cfg).state_dict(), dtype, False, tcfg)
+    tokens = batch * cfg.block_size
+    step = b.interleaved({"step": trainer.step}, 1, b.q(4, 2))["step"]
+    bound = gemm_bound(cfg, batch, dtype)
+    name = f"{cfg.n_layer}x{cfg.n_embd} (GPT-2 124M at full size), {DTYPE_NAMES.get(dtype, str(dtype))}"
+    yield Row(f"{name}: the step's GEMMs alone (the bound)", f"{num(bound)} tok/s",
+              details=f"{batch} x {cfg.block_size} tokens: the block's four linears, attention's two products "
+                      f"(causal: half), the head; backward as twice the forward; each shape's fastest of 5 calls")
+    yield Row(f"{name}: train_step, eager", f"{num(step.rate(tokens))} tok/s", step.spread(tokens),
+              "shared, noisy machine: the ratio is the figure to read", f"{step.rate(tokens) / bound:.2f}x the bound")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.step()
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    gemm = sum(t for k, t in ops.items() if k in GEMM_OPS)
+    rest = sorted(((t, k) for k, t in ops.items() if k not in GEMM_OPS), reverse=True)[:6]
+    yield Row(f"{name}: GEMMs' share of one profiled step", f"{gemm / total:.0%}",
+              details="torch.profiler, self CPU time; the rest, most first: " + ", ".join(f"{k} {t / total:.0%}" for t, k in rest))
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def gemm_bound(cfg: GPTConfig, batch: int, dtype, repeats: int = 5) -> float:
+    """Tokens/s of a step that were nothing but its GEMMs, timed here in dtype (forward; backward counted as two
+    GEMMs of each forward's size)."""
+    n, c, t, hd = batch * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.n_embd // cfg.n_head
+    bh = batch * cfg.n_head
+    shapes = [((n, c), (c, 3 * c), cfg.n_layer), ((n, c), (c, c), cfg.n_layer), ((n, c), (c, 4 * c), cfg.n_layer),
+              ((n, 4 * c), (4 * c, c), cfg.n_layer), ((n, c), (c, cfg.padded_vocab_size), 1),
+              ((bh, t, hd), (bh, hd, t), cfg.n_layer / 2), ((bh, t, t), (bh, t, hd), cfg.n_layer / 2)]
+    seconds = 0.0
+    with torch.no_grad():
+        for a_shape, b_shape, count in shapes:
+            x, w = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
+            out = x @ w
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.matmul(x, w, out=out)
+                times.append(time.perf_counter() - start)
+            seconds += count * min(times)
+    return n / (3 * seconds)
+
+
+# ---------------------------------------------------------------- 14. one GPU machine
+
+GPU_BUDGET_S = 270  # the whole section; a part that would start after it is reported as not run
+GIB = 2**30
+
+
+def bench_gpu(b: Bench):
+    """GPT-2 124M on this machine's GPUs, each part through the code users run: train.train_step eager and
+    compiled, train.py under torchrun (DDP over all GPUs, FSDP), generate.py's decoding, hellaswag.py's scorer,
+    and the head's GEMM at the real against the padded vocabulary. A part that fails is reported as FAILED and
+    the next one runs: a GPU minute is dear."""
+    if b.device.type != "cuda":
+        print("gpu: skipped: no CUDA GPU here (the section measures GPT-2 124M on GPUs; run it where "
+              "torch.cuda.is_available())", flush=True)
+        return
+    deadline = time.perf_counter() + GPU_BUDGET_S
+    hardware.configure_matmul(b.device)
+    count = torch.cuda.device_count()
+    yield Row("device", f"{torch.cuda.get_device_name(b.device)} x {count}",
+              details=f"torch {torch.__version__}, CUDA {torch.version.cuda}; datasheet bf16 peak "
+                      f"{hardware.peak_flops(b.device, torch.bfloat16) / 1e12:,.0f} TFLOP/s per GPU (MFU below)")
+    parts = {"head GEMM": gpu_head_gemm, "gpt2 124M step": gpu_train, "generation": gpu_generate,
+             "HellaSwag": gpu_hellaswag, "FSDP": lambda b, d: gpu_torchrun(b, d, "fsdp", count),
+             "DDP": lambda b, d: gpu_torchrun(b, d, "ddp", count)}
+    for name, part in parts.items():
+        left = deadline - time.perf_counter()
+        if left < 15:
+            yield Row(f"{name}: not run", f"the section's {GPU_BUDGET_S} s were spent")
+            continue
+        try:
+            yield from part(b, deadline)
+        except Exception as e:
+            traceback.print_exc()
+            yield Row(f"{name}: FAILED", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def gpu_config() -> GPTConfig:
+    return GPTConfig(**PRESETS["gpt2"], vocab_size=50257)  # the embedding padded to 50,304 as in training
+
+
+def gpu_head_gemm(b: Bench, deadline: float):
+    """The head's forward GEMM, (64 x 1024, 768) @ W.T, with W of the real and of the padded vocabulary."""
+    x = torch.randn(64 * 1024, 768, device=b.device, dtype=torch.bfloat16)
+    heads = {rows: torch.randn(rows, 768, device=b.device, dtype=torch.bfloat16) for rows in (50257, 50304)}
+    stats = b.interleaved({rows: lambda w=w: x @ w.T for rows, w in heads.items()}, 3, 20)
+    ms = {rows: st.median * 1000 for rows, st in stats.items()}
+    for rows in heads:
+        tflops = 2 * x.shape[0] * 768 * rows / stats[rows].median / 1e12
+        yield Row(f"head GEMM x @ W.T, W {rows:,} x 768, x 65,536 x 768, bf16", f"{ms[rows]:.3f} ms",
+                  details=f"{tflops:,.0f} TFLOP/s", ratio=f"{ms[rows] / ms[50257]:.2f}x the time at 50,257")
+
+
+def gpu_train(b: Bench, deadline: float):
+    """train.train_step at the gpt2 preset's default micro batch, 64 x 1024, bf16, eager and compiled, steps
+    interleaved; on an out-of-memory error a smaller micro batch with accumulation (the same 65,536 tokens)."""
+    cfg, dtype = gpu_config(), torch.bfloat16
+    tcfg = fill_schedule_defaults(TrainConfig(learning_rate=6e-4, warmup_steps=2, max_steps=100))
+    torch.manual_seed(0)
+    init = GPT(cfg).state_dict()
+    peak = hardware.peak_flops(b.device, dtype)
+    stats = None
+    for micro in (64, 32, 16, 8):
+        try:
+            trainers = {comp: Trainer(b, cfg, micro, init, dtype, comp, tcfg, b.random_gpt2_data(), 64 // micro)
+                        for comp in (False, True)}
+            stats = b.interleaved({comp: t.step for comp, t in trainers.items()}, 2, 10)
+            break
+        except Exception as e:  # torch.compile may wrap the out-of-memory error in its own
+            if "out of memory" not in str(e):
+                raise
+            print(f"gpu: micro batch {micro} x 1024 ran out of memory; trying {micro // 2}", flush=True)
+        trainers = None  # out of the except block, so that its traceback no longer holds the step's tensors
+        torch.compiler.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    if stats is None:
+        raise RuntimeError("out of memory even at micro batch 8 x 1024")
+    tokens = 64 * 1024
+    base = stats[False].rate(tokens)
+    for comp, st in stats.items():
+        t = trainers[comp]
+        state = sum(p.numel() * p.element_size() for p in t.raw.parameters()) + sum(
+            v.numel() * v.element_size() for s in t.optimizer.state.values() for v in s.values()
+            if torch.is_tensor(v))
+        tps = st.rate(tokens)
+        oom = f"; micro batch {micro} x {64 // micro} accumulated (64 ran out of memory)" if micro < 64 else ""
+        yield Row(f"gpt2 124M train_step, 64 x 1024 tokens, bf16, {'compiled' if comp else 'eager'}",
+                  f"{num(tps)} tok/s", st.spread(tokens),
+                  f"MFU {estimate_mfu(cfg, cfg.block_size, tps, peak):.1%}; peak memory "
+                  f"{(state + st.mem) / GIB:.1f} GiB (its weights and moments {state / GIB:.1f} + the step's "
+                  f"{st.mem / GIB:.1f}, torch.cuda.max_memory_allocated)"
+                  + (f"; compile + first step {st.first:.0f} s (excluded)" if comp else "") + oom,
+                  f"{tps / base:.2f}x")
+
+
+def gpu_generate(b: Bench, deadline: float):
+    """generate.py's decoding (for_inference: bf16 weights, KV cache) of GPT-2 124M's shape: greedy at batch 1,
+    and --num-samples 8 as one batch with its default sampling."""
+    model = generate.for_inference(GPT(gpu_config()).to(b.device), hardware.pick_dtype("auto", b.device))
+    prompt = torch.tensor([[50256, 464, 2068, 7586, 21831]], device=b.device)
+    new = 256
+    fns = {1: lambda: list(model.generate(prompt, new, temperature=0.0)),
+           8: lambda: list(model.generate(prompt.expand(8, -1), new, temperature=0.8, top_k=200,
+                                          generator=torch.Generator(b.device).manual_seed(0)))}
+    stats = b.interleaved(fns, 1, 3)
+    for n, st in stats.items():
+        yield Row(f"generate, {new} new tokens, batch {n} ({'greedy' if n == 1 else '--num-samples 8'})",
+                  f"{num(st.rate(n * new))} tok/s", st.spread(n * new),
+                  f"{st.median / new * 1000:.2f} ms per decoding step; weights in {next(model.parameters()).dtype}",
+                  ratio=f"{st.rate(n * new) / stats[1].rate(new):.2f}x batch 1")
+
+
+def gpu_hellaswag(b: Bench, deadline: float):
+    """hellaswag.score as training calls it (float32 weights, bf16 autocast), GPT-2 124M's shape."""
+    n = 400
+    path = SHARED_DATA / "hellaswag_val.jsonl.gz"
+    docs = list(generate_stories(300_000, seed=0))
+    if path.is_file():
+        examples, what = hellaswag.load_examples(str(path), limit=n), "real validation examples"
+    else:  # offline without ../shared: stories cut into a context and four endings of HellaSwag's length
+        sentences = [s.strip() + "." for d in docs for s in d.split(".") if len(s.strip()) > 20]
+        examples = [{"ctx": " ".join(sentences[i:i + 2]), "endings": sentences[i + 2:i + 6], "label": 0}
+                    for i in range(0, len(sentences) - 5, 6)][:n]
+        what = "synthetic examples (stories; ../shared/data absent)"
+    enc = load_tokenizer(b.offline_tokenizer(docs, try_cache=False))
+    model = GPT(gpu_config()).to(b.device).eval()
+    st = b.interleaved({"score": lambda: hellaswag.score(model, enc, examples, b.device, torch.bfloat16)}, 1, 3)
+    yield Row(f"hellaswag.score, {len(examples)} {what}", f"{num(st['score'].rate(len(examples)))} ex/s",
+              st["score"].spread(len(examples)), "float32 weights, bf16 autocast, 4 examples per forward")
+
+
+def gpu_torchrun(b: Bench, deadline: float, parallel: str, gpus: int):
+    """train.py under torchrun on every visible GPU, a few steps of GPT-2 124M at micro batch 64 x 1024 (16 with
+    accumulation after an out-of-memory error): tokens/s, MFU and rank 0's peak memory from its log.jsonl."""
+    if parallel == "ddp" and gpus < 2:
+        yield Row("DDP: not measured", "one GPU visible")
+        return
+    steps = 6
+    peak = hardware.peak_flops(b.device, torch.bfloat16)
+    for micro in (64, 16):
+        out = Path(tempfile.mkdtemp(dir=b.tmp))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "train.py",
+               "--data-dir", b.random_gpt2_data(), "--out-dir", str(out), "--device", b.device.type,
+               "--parallel", parallel, *(f"--{k.replace('_', '-')}={v}" for k, v in PRESETS["gpt2"].items()),
+               "--batch-size", str(micro), "--total-batch-size", str(64 * 1024 * gpus), "--max-steps", str(steps),
+               "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "0", "--hellaswag-interval", "0",
+               "--sample-interval", "0", "--checkpoint-interval", "0", "--peak-flops", str(peak)]
+        # One compile (the DDP part's) fits the section's time; the FSDP step runs eager, as its row says.
+        cmd += ["--compile", "false" if parallel == "fsdp" else "true"]
+        p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate(timeout=max(10, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            p.terminate()  # torchrun stops the ranks it started on SIGTERM, and they free the GPUs
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+            raise RuntimeError(f"torchrun {parallel} did not finish in the section's time ({GPU_BUDGET_S} s)")
+        if p.returncode == 0 or "out of memory" not in err:
+            break
+    if p.returncode:
+        raise RuntimeError(f"torchrun {parallel}: {err.strip()[-300:]}")
+    records = [r for r in read_log(str(out / "log.jsonl")) if "tokens_per_sec" in r and r["step"] > 2]
+    if not records:
+        raise RuntimeError(f"torchrun {parallel}: no timed step in {out / 'log.jsonl'}")
+    tps = statistics.median(r["tokens_per_sec"] for r in records)
+    mfu = statistics.median(r["mfu"] for r in records)
+    compiled = "eager" if parallel == "fsdp" else "compiled"
+    yield Row(f"train.py --parallel {parallel}, {gpus} GPU(s), 64 x 1024 x {gpus} tokens per step, {compiled}",
+              f"{num(tps)} tok/s", f"{num(min(r['tokens_per_sec'] for r in records))}-"
+              f"{num(max(r['tokens_per_sec'] for r in records))}",
+              f"MFU {mfu:.1%} (--peak-flops {peak:.3g} per GPU); rank 0 peak memory "
+              f"{records[-1]['peak_memory_mb'] / 1024:.1f} GiB; steps 3-{steps} of log.jsonl"
+              + (f"; micro batch 64 ran out of memory: {micro} x {64 // micro} accumulated" if micro < 64 else ""),
+              ratio=f"{tps / gpus:,.0f} tok/s per GPU")
+
+
 # ---------------------------------------------------------------- the report
 
 SECTIONS = {  # name: (title, function)
@@ -837,8 +1154,12 @@ SECTIONS = {  # name: (title, function)
     "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
     "docmask": ("--doc-mask: a training step with the document mask", bench_docmask),
     "muon": ("Muon's optimizer step, one process and 2 ranks", bench_muon),
+    "resumemem": ("Memory of a resume under torchrun", bench_resumemem),
+    "cpubound": ("The CPU step against its matmul bound", bench_cpubound),
+    "gpu": ("GPT-2 124M on GPUs", bench_gpu),
 }
-OPT_IN = ("recipe", "muon")  # half an hour and several minutes on the 2-core dev CPU: only when named in --only
+# recipe and muon: half an hour and several minutes on the 2-core dev CPU; gpu: CUDA, five minutes of GPU time
+OPT_IN = ("recipe", "muon", "gpu")
 
 INTRO = """# Benchmarks
 
@@ -846,10 +1167,13 @@ Written by `python bench.py`; each section below names the command, machine and 
 
 How to rerun:
 
-- `python bench.py`: every section but recipe and muon at full size (12 minutes on the 2-core dev machine when
+- `python bench.py`: every section but recipe, muon and gpu at full size (12 minutes on the 2-core dev machine when
   quiet, 20-30 busy). `python bench.py --only recipe --threads 1` trains the three recipes of that section through
   train.py (about half an hour); `python bench.py --only muon --threads 1` times Muon's step on 1 and 2 ranks
   (several minutes).
+- `python bench.py --only gpu` on a CUDA machine: GPT-2 124M's step (eager, compiled), train.py under torchrun
+  (DDP on all GPUs, FSDP), generation, HellaSwag scoring and the head's GEMM, in under 5 minutes; a part that
+  fails is reported and the others run. Without CUDA it says so in one line and writes nothing.
 - `python bench.py --only NAME[,NAME]`: some sections ({names}); the others in this file are kept.
 - `python bench.py --quick`: tiny sizes in about a minute, to check that the benchmark itself works; its figures
   say nothing about speed.
@@ -949,8 +1273,9 @@ def main(argv=None):
             print(f"{name:9} ({time.perf_counter() - start:.0f} s)", flush=True)
             if rows:  # a skipped section keeps its earlier figures
                 blocks[name] = section_markdown(title, command, env, rows)
-        write_report(args.out, blocks)
-        print(f"wrote {args.out}")
+        if blocks:  # nothing ran (the gpu section without a GPU, say): the file stays as it was
+            write_report(args.out, blocks)
+            print(f"wrote {args.out}")
     finally:
         shutil.rmtree(b.tmp, ignore_errors=True)
     if failed:

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import atomic
@@ -184,9 +184,10 @@ def load_from_args(args, device) -> tuple[GPT, object, str]:
     return model, enc, source
 
 
-def load_train_state(ckpt: str, mmap: bool = False) -> dict:
+def load_train_state(ckpt: str, mmap: bool = True) -> dict:
     """Optimizer, step, data position and RNG of a checkpoint; tensors and plain types only, never code. mmap:
-    tensors stay on disk until touched (a look at the recipe costs nothing, however large the optimizer)."""
+    tensors are pages of the file, read as they are used (by a copy to a GPU, say) and shared by the processes
+    of a node, so no process holds the whole file in its own memory; else read whole."""
     path = os.path.join(ckpt, "state.pt")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -212,23 +213,35 @@ def read_checkpoint_meta(ckpt: str) -> dict:
 def _load_ours(ckpt: str) -> tuple[GPT, str]:
     meta = read_checkpoint_meta(ckpt)
     model = build_model(meta["model"])
-    path = os.path.join(ckpt, "model.safetensors")
-    try:
-        weights = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for a corrupt header or body
-        raise UserError(f"cannot read {path}: {e}; the file is corrupt, use another checkpoint")
-    own = model.state_dict()
-    for key, tensor in weights.items():
-        if key not in own or own[key].shape != tensor.shape:
-            raise UserError(f"{path}: weight {key} {tuple(tensor.shape)} does not fit the model in config.json; "
-                            f"the checkpoint is corrupt, use another one")
-    missing, _ = model.load_state_dict(weights, strict=False)
-    if set(missing) - ({HEAD} if model.config.tie_embeddings else set()):
-        raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
+    load_weights(model, ckpt)
     tokenizer = meta["tokenizer"]
     if tokenizer in (RANKS, "tokenizer.tiktoken"):
         tokenizer = os.path.join(ckpt, tokenizer)
     return model, tokenizer
+
+
+def load_weights(model, ckpt: str):
+    """ckpt's weights into model (on any device), one tensor at a time: a resuming rank holds no second copy of
+    the model in host memory."""
+    path = os.path.join(ckpt, "model.safetensors")
+    own = model.state_dict()
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key not in own or tuple(own[key].shape) != shape:
+                    raise UserError(f"{path}: weight {key} {shape} does not fit the model in config.json; the "
+                                    f"checkpoint is corrupt, use another one")
+            missing = set(own) - set(f.keys()) - ({HEAD} if model.config.tie_embeddings else set())
+            if missing:
+                raise UserError(f"{path} lacks weights {', '.join(sorted(missing)[:3])}: the checkpoint is incomplete")
+            with torch.no_grad():
+                for key in f.keys():
+                    own[key].copy_(f.get_tensor(key))
+    except UserError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a corrupt header or body
+        raise UserError(f"cannot read {path}: {e}; the file is corrupt, use another checkpoint")
 
 
 def save_optimizer_shards(model, optimizer, folder: str):

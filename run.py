@@ -58,7 +58,10 @@ class Run:
                  tokenizer: str, data: list):
         self.model_cfg, self.cfg, self.world, self.tokenizer, self.data = model_cfg, cfg, world, tokenizer, data
         self.start, self.run_id = choose_start(cfg.out_dir, opts, world)
-        self.state = checkpoint.load_train_state(self.start) if self.start else None
+        # A CPU run keeps the optimizer moments in its own memory: read whole, they are its moments. On a GPU they
+        # are copied to the device from the mapped file, and host memory holds no copy of its own.
+        mapped = world.device.type != "cpu"
+        self.state = checkpoint.load_train_state(self.start, mmap=mapped) if self.start else None
         if self.state is not None:
             check_resume(self.start, self.state, model_cfg, cfg, opts, data)
         # A wsd run keeps the checkpoint where its decay starts: a longer run (larger --max-steps) extends from it.
@@ -76,7 +79,7 @@ class Run:
             torch.manual_seed(self.cfg.seed + rank)  # dropout differs per rank
             step = 0
         else:
-            raw_model.load_state_dict(checkpoint.load_model(self.start)[0].state_dict())
+            checkpoint.load_weights(raw_model, self.start)
             loader.load_state_dict(self.state["train_loader"])
             step = self.state["step"]
             # Per-rank RNG streams continue exactly on the same world size; on another, each rank starts a new one.
@@ -91,8 +94,10 @@ class Run:
         return step
 
     def restore_optimizer(self, raw_model, optimizer):
-        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded)."""
-        if self.state is None:
+        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded). The
+        start's state is dropped here: its tensors may map state.pt, which must not stay open for the run."""
+        state, self.state = self.state, None
+        if state is None:
             return
         if checkpoint.has_optimizer_shards(self.start):
             load_optimizer_state(optimizer, lambda: checkpoint.load_optimizer_shards(raw_model, optimizer, self.start))
@@ -100,7 +105,7 @@ class Run:
             raise UserError(f"--resume: {self.start} was written by a --parallel ddp run; resume it with --parallel "
                             f"ddp (a {self.cfg.parallel} run saves its optimizer in shards, a ddp run whole)")
         else:
-            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(self.state["optimizer"]))
+            load_optimizer_state(optimizer, lambda: optimizer.load_state_dict(state["optimizer"]))
 
     def save_due(self, step: int) -> bool:
         """At the checkpoint interval, at the final step, and at the wsd checkpoint that is kept."""

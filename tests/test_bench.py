@@ -52,3 +52,11 @@ def test_quick_muon_times_each_run(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     assert all(f": {name} | " in text for name in bench.MUON_RUNS) and "FAILED" not in text
+
+
+def test_gpu_section_without_cuda_says_so_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "B.md"
+    result = run_cli("bench.py", "--only", "gpu", "--device", "cpu", "--out", out, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("no CUDA GPU here") == 1
+    assert not out.exists() and "Traceback" not in result.stderr
