@@ -46,7 +46,7 @@ from dataloader import DataLoader, DeviceBatches, read_data_meta
 from errors import UserError, run_main
 from evaluate import evaluate_loss
 from model import GPT, estimate_mfu
-from optimizer import build_optimizer
+from optimizer import build_optimizer, build_scaler
 from log import read_log
 from schedule import lr_at
 from tinytales import generate_stories
@@ -194,13 +194,15 @@ class Trainer:
         self.raw.load_state_dict(init)
         self.model = torch.compile(self.raw) if compile_on else self.raw
         self.optimizer = build_optimizer(self.raw, tcfg, b.device)
+        self.scaler = build_scaler(dtype, b.device)
         self.batch, self.block_size = batch, cfg.block_size
         self.batches = DeviceBatches(DataLoader(self.data, "train", batch, cfg.block_size), b.device)
         self.step_count = 0
 
     def step(self):
         lr = lr_at(self.step_count, self.tcfg)
-        loss, _ = train_step(self.model, self.optimizer, self.batches, 1, lr, self.tcfg.grad_clip, self.dtype)
+        loss, _ = train_step(self.model, self.optimizer, self.scaler, self.batches, 1, lr, self.tcfg.grad_clip,
+                             self.dtype)
         self.step_count += 1
         return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 
@@ -585,7 +587,7 @@ def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
         model = GPT(GPTConfig(**cfg, vocab_size=50257))
         optimizer = build_optimizer(model, TrainConfig(), device)
         dtype, before = hardware.pick_dtype(dtype_name, device), proc_status(os.getpid(), "VmRSS")
-        train_step(model, optimizer, batches, 2, 6e-4, 1.0, dtype)
+        train_step(model, optimizer, build_scaler(dtype, device), batches, 2, 6e-4, 1.0, dtype)
     print(json.dumps({"before": before, "peak": proc_status(os.getpid(), "VmHWM"),
                       "dtype": str(dtype).removeprefix("torch.")}))
 

@@ -52,9 +52,10 @@ class TrainConfig:
     data_weights: Optional[str] = None  # with several --data-dir folders: their weights, e.g. 3,1; default equal
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
+    dtype: str = "auto"  # autocast: auto (bfloat16 where native, float16 on older CUDA GPUs), float32, bfloat16, float16
     compile: Optional[bool] = None  # torch.compile; default (resolve) on for CUDA, off elsewhere
     parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (parameters and AdamW states sharded)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps
