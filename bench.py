@@ -180,7 +180,7 @@ def proc_status(pid: int, key: str) -> int:
 
 # ---------------------------------------------------------------- 1. training step
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
 class Trainer:
@@ -736,6 +736,53 @@ def bench_docmask(b: Bench):
               f"{stats[True].rate(tokens) / base:.2f}x")
 
 
+# ---------------------------------------------------------------- 11. --activation-checkpointing
+
+def bench_actckpt(b: Bench):
+    """train.py's step at GPT-2 124M's shape (batch 1 x 1024) with --activation-checkpointing against without:
+    the memory a step adds to the weights and AdamW's state (activations, gradients) and its time, in train.py's
+    default dtype and compile setting. Each setting runs in a fresh process, as in stepmem: freed memory that the
+    allocator keeps would hide the second one's peak."""
+    got = {}
+    for on in (False, True):
+        code = f"import bench; bench.actckpt_step({str(b.device)!r}, {b.quick!r}, {on!r})"
+        p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"the step with activation_checkpointing={on} failed: {p.stderr.strip()[-300:]}")
+        got[on] = json.loads(p.stdout.strip().splitlines()[-1])
+    base = got[False]
+    for on, m in got.items():
+        name = "--activation-checkpointing" if on else "without (baseline)"
+        yield Row(f"{name}: memory a step adds", f"{m['added'] / MB:,.0f} MB",
+                  details=f"{m['setting']}; process peak {m['peak'] / MB:,.0f} MB, of which {m['before'] / MB:,.0f} "
+                          f"MB before the step (weights, AdamW, torch)", ratio=f"{m['added'] / base['added']:.2f}x")
+        yield Row(f"{name}: time per step", f"{m['ms']:,.0f} ms", f"{min(m['all_ms']):,.0f}-{max(m['all_ms']):,.0f}",
+                  ratio=f"{m['ms'] / base['ms']:.2f}x")
+
+
+def actckpt_step(device: str, quick: bool, checkpointing: bool):
+    """In a fresh process: a warm-up step (AdamW's moments), then timed steps; prints their memory and time (JSON)."""
+    b = Bench(argparse.Namespace(device=device, quick=quick, nanogpt=None, out=""))
+    try:
+        fields, batch = b.q((dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 1),
+                            (dict(n_layer=2, n_head=2, n_embd=64, block_size=128), 2))
+        dtype, compile_on = hardware.pick_dtype("auto", b.device), b.device.type == "cuda"
+        torch.manual_seed(0)
+        init = GPT(GPTConfig(**fields)).state_dict()
+        trainer = Trainer(b, GPTConfig(**fields), batch, init, dtype, compile_on,
+                          fill_schedule_defaults(TrainConfig(warmup_steps=5)))
+        del init
+        trainer.raw.activation_checkpointing = checkpointing
+        before = b.memory_now()
+        stat = b.interleaved({"step": trainer.step}, 1, b.q(2, 2))["step"]
+        setting = (f"{fields['n_layer']}x{fields['n_embd']}, {batch} x {fields['block_size']} tokens, "
+                   f"{DTYPE_NAMES[dtype]}, {'compiled' if compile_on else 'eager'}")
+        print(json.dumps({"added": stat.mem, "peak": b.memory_peak(), "before": before, "ms": stat.median * 1000,
+                          "all_ms": [t * 1000 for t in stat.times], "setting": setting}))
+    finally:
+        shutil.rmtree(b.tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- the report
 
 SECTIONS = {  # name: (title, function)
@@ -749,6 +796,7 @@ SECTIONS = {  # name: (title, function)
     "stepmem": ("Peak memory of one training step", bench_stepmem),
     "recipe": ("The modern recipe against GPT-2's (train.py end to end)", bench_recipe),
     "docmask": ("--doc-mask: a training step with the document mask", bench_docmask),
+    "actckpt": ("--activation-checkpointing: memory and time of a training step", bench_actckpt),
 }
 OPT_IN = ("recipe",)  # half an hour on the 2-core dev CPU: only when named in --only
 
