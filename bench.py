@@ -739,29 +739,44 @@ def bench_docmask(b: Bench):
 # ---------------------------------------------------------------- 11. --activation-checkpointing
 
 def bench_actckpt(b: Bench):
-    """train.py's step at GPT-2 124M's shape (batch 1 x 1024) with --activation-checkpointing against without:
-    the memory a step adds to the weights and AdamW's state (activations, gradients) and its time, in train.py's
-    default dtype and compile setting. Each setting runs in a fresh process, as in stepmem: freed memory that the
-    allocator keeps would hide the second one's peak."""
-    got = {}
+    """train.py's step at GPT-2 124M's shape (batch 1 x 1024) with --activation-checkpointing against without, in
+    train.py's default dtype and compile setting: the memory a step adds to the weights and AdamW's state
+    (activations, gradients), each setting alone in a fresh process as in stepmem (freed memory that the allocator
+    keeps would hide the second one's peak), and the time per step, both settings taking turns in one process."""
+    memory = {}
     for on in (False, True):
-        code = f"import bench; bench.actckpt_step({str(b.device)!r}, {b.quick!r}, {on!r})"
-        p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-        if p.returncode:
-            raise RuntimeError(f"the step with activation_checkpointing={on} failed: {p.stderr.strip()[-300:]}")
-        got[on] = json.loads(p.stdout.strip().splitlines()[-1])
-    base = got[False]
-    for on, m in got.items():
-        name = "--activation-checkpointing" if on else "without (baseline)"
+        run = actckpt_run(b, (on,), repeats=1)
+        memory[str(on)] = dict(run[str(on)], peak=run["peak"], before=run["before"])
+    timed = actckpt_run(b, (False, True), repeats=2)
+    base = memory["False"]
+    for on in ("False", "True"):
+        name = "--activation-checkpointing" if on == "True" else "without (baseline)"
+        m, t = memory[on], timed[on]
         yield Row(f"{name}: memory a step adds", f"{m['added'] / MB:,.0f} MB",
-                  details=f"{m['setting']}; process peak {m['peak'] / MB:,.0f} MB, of which {m['before'] / MB:,.0f} "
-                          f"MB before the step (weights, AdamW, torch)", ratio=f"{m['added'] / base['added']:.2f}x")
-        yield Row(f"{name}: time per step", f"{m['ms']:,.0f} ms", f"{min(m['all_ms']):,.0f}-{max(m['all_ms']):,.0f}",
-                  ratio=f"{m['ms'] / base['ms']:.2f}x")
+                  details=f"{timed['setting']}; process peak {m['peak'] / MB:,.0f} MB, of which "
+                          f"{m['before'] / MB:,.0f} MB before its first step (weights, torch)",
+                  ratio=f"{m['added'] / base['added']:.2f}x")
+        yield Row(f"{name}: time per step", f"{t['ms']:,.0f} ms", f"{min(t['all_ms']):,.0f}-{max(t['all_ms']):,.0f}",
+                  ratio=f"{t['ms'] / timed['False']['ms']:.2f}x")
 
 
-def actckpt_step(device: str, quick: bool, checkpointing: bool):
-    """In a fresh process: a warm-up step (AdamW's moments), then timed steps; prints their memory and time (JSON)."""
+def actckpt_run(b: Bench, settings: tuple, repeats: int) -> dict:
+    """actckpt_step in a fresh process."""
+    code = f"import bench; bench.actckpt_step({str(b.device)!r}, {b.quick!r}, {settings!r}, {repeats})"
+    # glibc keeps freed blocks below its mmap threshold, which grows to 32 MB as large blocks are freed: the
+    # warm-up step's memory would stay resident and hide the timed step's. At 64 KB every large block is returned
+    # on free, so the resident size follows what is alive.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+    if p.returncode:
+        raise RuntimeError(f"the step with activation checkpointing {settings} failed: {p.stderr.strip()[-300:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def actckpt_step(device: str, quick: bool, settings: tuple, repeats: int):
+    """In a fresh process, a trainer per setting (activation checkpointing off or on) from the same weights: a
+    warm-up step (AdamW's moments), then `repeats` timed steps taking turns; prints each one's memory and time
+    (JSON)."""
     b = Bench(argparse.Namespace(device=device, quick=quick, nanogpt=None, out=""))
     try:
         fields, batch = b.q((dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 1),
@@ -769,16 +784,20 @@ def actckpt_step(device: str, quick: bool, checkpointing: bool):
         dtype, compile_on = hardware.pick_dtype("auto", b.device), b.device.type == "cuda"
         torch.manual_seed(0)
         init = GPT(GPTConfig(**fields)).state_dict()
-        trainer = Trainer(b, GPTConfig(**fields), batch, init, dtype, compile_on,
-                          fill_schedule_defaults(TrainConfig(warmup_steps=5)))
+        trainers = {}
+        for on in settings:
+            trainers[on] = Trainer(b, GPTConfig(**fields), batch, init, dtype, compile_on,
+                                   fill_schedule_defaults(TrainConfig(warmup_steps=5)))
+            trainers[on].raw.activation_checkpointing = on
         del init
-        trainer.raw.activation_checkpointing = checkpointing
         before = b.memory_now()
-        stat = b.interleaved({"step": trainer.step}, 1, b.q(2, 2))["step"]
-        setting = (f"{fields['n_layer']}x{fields['n_embd']}, {batch} x {fields['block_size']} tokens, "
-                   f"{DTYPE_NAMES[dtype]}, {'compiled' if compile_on else 'eager'}")
-        print(json.dumps({"added": stat.mem, "peak": b.memory_peak(), "before": before, "ms": stat.median * 1000,
-                          "all_ms": [t * 1000 for t in stat.times], "setting": setting}))
+        stats = b.interleaved({on: t.step for on, t in trainers.items()}, 1, repeats)
+        result = {str(on): {"added": s.mem, "ms": s.median * 1000, "all_ms": [t * 1000 for t in s.times]}
+                  for on, s in stats.items()}
+        result.update(peak=b.memory_peak(), before=before,
+                      setting=f"{fields['n_layer']}x{fields['n_embd']}, {batch} x {fields['block_size']} tokens, "
+                              f"{DTYPE_NAMES[dtype]}, {'compiled' if compile_on else 'eager'}")
+        print(json.dumps(result))
     finally:
         shutil.rmtree(b.tmp, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import torch
 from errors import UserError
 
 # bfloat16 has float32's range and runs on every GPU since Ampere; float16 is for older GPUs (V100, T4), whose
-# tensor cores have it and not bfloat16: its narrow range needs a gradient scaler (train.py's GradScaler).
+# tensor cores have it and not bfloat16: its narrow range needs a gradient scaler (optimizer.build_scaler).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
