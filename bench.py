@@ -48,7 +48,7 @@ from dataloader import DataLoader, DeviceBatches, read_data_meta
 from errors import UserError, run_main
 from evaluate import evaluate_loss
 from model import GPT, estimate_mfu
-from optimizer import build_optimizer
+from optimizer import build_optimizer, build_scaler
 from log import read_log
 from schedule import lr_at
 from shards import write_shard
@@ -206,7 +206,7 @@ def proc_status(pid: int, key: str) -> int:
 
 # ---------------------------------------------------------------- 1. training step
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
 
 
 class Trainer:
@@ -220,14 +220,15 @@ class Trainer:
         self.raw.load_state_dict(init)
         self.model = torch.compile(self.raw) if compile_on else self.raw
         self.optimizer = build_optimizer(self.raw, tcfg, b.device)
+        self.scaler = build_scaler(dtype, b.device)
         self.batch, self.block_size, self.accum = batch, cfg.block_size, accum
         self.batches = DeviceBatches(DataLoader(self.data, "train", batch, cfg.block_size), b.device)
         self.step_count = 0
 
     def step(self):
         lr = lr_at(self.step_count, self.tcfg)
-        loss, _ = train_step(self.model, self.optimizer, self.batches, self.accum, lr, self.tcfg.grad_clip,
-                             self.dtype)
+        loss, _ = train_step(self.model, self.optimizer, self.scaler, self.batches, self.accum, lr,
+                             self.tcfg.grad_clip, self.dtype)
         self.step_count += 1
         return loss.item()  # train.py waits for the loss only at log steps; the timing must include the step
 
@@ -609,7 +610,7 @@ def step_peak(which: str, nanogpt: str, shape: dict, dtype_name: str):
         model = GPT(GPTConfig(**cfg, vocab_size=50257))
         optimizer = build_optimizer(model, TrainConfig(), device)
         dtype, before = hardware.pick_dtype(dtype_name, device), proc_status(os.getpid(), "VmRSS")
-        train_step(model, optimizer, batches, 2, 6e-4, 1.0, dtype)
+        train_step(model, optimizer, build_scaler(dtype, device), batches, 2, 6e-4, 1.0, dtype)
     print(json.dumps({"before": before, "peak": proc_status(os.getpid(), "VmHWM"),
                       "dtype": str(dtype).removeprefix("torch.")}))
 
@@ -958,7 +959,73 @@ def gemm_bound(cfg: GPTConfig, batch: int, dtype, repeats: int = 5) -> float:
     return n / (3 * seconds)
 
 
-# ---------------------------------------------------------------- 14. one GPU machine
+# ---------------------------------------------------------------- 14. --activation-checkpointing
+
+def bench_actckpt(b: Bench):
+    """train.py's step at GPT-2 124M's shape (batch 1 x 1024) with --activation-checkpointing against without, in
+    train.py's default dtype and compile setting: the memory a step adds to the weights and AdamW's state
+    (activations, gradients), each setting alone in a fresh process as in stepmem (freed memory that the allocator
+    keeps would hide the second one's peak), and the time per step, both settings taking turns in one process."""
+    memory = {}
+    for on in (False, True):
+        run = actckpt_run(b, (on,), repeats=1)
+        memory[str(on)] = dict(run[str(on)], peak=run["peak"], before=run["before"])
+    timed = actckpt_run(b, (False, True), repeats=2)
+    base = memory["False"]
+    for on in ("False", "True"):
+        name = "--activation-checkpointing" if on == "True" else "without (baseline)"
+        m, t = memory[on], timed[on]
+        yield Row(f"{name}: memory a step adds", f"{m['added'] / MB:,.0f} MB",
+                  details=f"{timed['setting']}; process peak {m['peak'] / MB:,.0f} MB, of which "
+                          f"{m['before'] / MB:,.0f} MB before its first step (weights, torch)",
+                  ratio=f"{m['added'] / base['added']:.2f}x")
+        yield Row(f"{name}: time per step", f"{t['ms']:,.0f} ms", f"{min(t['all_ms']):,.0f}-{max(t['all_ms']):,.0f}",
+                  ratio=f"{t['ms'] / timed['False']['ms']:.2f}x")
+
+
+def actckpt_run(b: Bench, settings: tuple, repeats: int) -> dict:
+    """actckpt_step in a fresh process."""
+    code = f"import bench; bench.actckpt_step({str(b.device)!r}, {b.quick!r}, {settings!r}, {repeats})"
+    # glibc keeps freed blocks below its mmap threshold, which grows to 32 MB as large blocks are freed: the
+    # warm-up step's memory would stay resident and hide the timed step's. At 64 KB every large block is returned
+    # on free, so the resident size follows what is alive.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+    if p.returncode:
+        raise RuntimeError(f"the step with activation checkpointing {settings} failed: {p.stderr.strip()[-300:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def actckpt_step(device: str, quick: bool, settings: tuple, repeats: int):
+    """In a fresh process, a trainer per setting (activation checkpointing off or on) from the same weights: a
+    warm-up step (AdamW's moments), then `repeats` timed steps taking turns; prints each one's memory and time
+    (JSON)."""
+    b = Bench(argparse.Namespace(device=device, quick=quick, nanogpt=None, out=""))
+    try:
+        fields, batch = b.q((dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 1),
+                            (dict(n_layer=2, n_head=2, n_embd=64, block_size=128), 2))
+        dtype, compile_on = hardware.pick_dtype("auto", b.device), b.device.type == "cuda"
+        torch.manual_seed(0)
+        init = GPT(GPTConfig(**fields)).state_dict()
+        trainers = {}
+        for on in settings:
+            trainers[on] = Trainer(b, GPTConfig(**fields), batch, init, dtype, compile_on,
+                                   fill_schedule_defaults(TrainConfig(warmup_steps=5)))
+            trainers[on].raw.activation_checkpointing = on
+        del init
+        before = b.memory_now()
+        stats = b.interleaved({on: t.step for on, t in trainers.items()}, 1, repeats)
+        result = {str(on): {"added": s.mem, "ms": s.median * 1000, "all_ms": [t * 1000 for t in s.times]}
+                  for on, s in stats.items()}
+        result.update(peak=b.memory_peak(), before=before,
+                      setting=f"{fields['n_layer']}x{fields['n_embd']}, {batch} x {fields['block_size']} tokens, "
+                              f"{DTYPE_NAMES[dtype]}, {'compiled' if compile_on else 'eager'}")
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(b.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- 15. one GPU machine
 
 GPU_BUDGET_S = 270  # the whole section; a part that would start after it is reported as not run
 GIB = 2**30
@@ -1156,6 +1223,7 @@ SECTIONS = {  # name: (title, function)
     "muon": ("Muon's optimizer step, one process and 2 ranks", bench_muon),
     "resumemem": ("Memory of a resume under torchrun", bench_resumemem),
     "cpubound": ("The CPU step against its matmul bound", bench_cpubound),
+    "actckpt": ("--activation-checkpointing: memory and time of a training step", bench_actckpt),
     "gpu": ("GPT-2 124M on GPUs", bench_gpu),
 }
 # recipe and muon: half an hour and several minutes on the 2-core dev CPU; gpu: CUDA, five minutes of GPU time

@@ -6,7 +6,8 @@ way every script gets a model from a checkpoint, a run folder, a Hugging Face fo
         config.json         model config, tokenizer identity, step, run id
         kit_tokenizer.tiktoken  (+ kit_tokenizer.json) when the tokenizer is a file, so the folder is self-contained
                             (older checkpoints: tokenizer.tiktoken + tokenizer.json, still read)
-        state.pt            data position, RNG, recipe, optimizer (unsharded runs): torch.load(weights_only=True)
+        state.pt            data position, RNG, recipe, optimizer (unsharded runs), float16's loss scale:
+                            torch.load(weights_only=True)
         optimizer/          the optimizer's shards of an FSDP run, torch.distributed.checkpoint's format (every
                             rank writes its own; it reshards to any world size on load)
 

@@ -53,10 +53,11 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from trained weights: gpt2 ... gpt2-xl, an HF folder, a run (finetune.py)
     out_dir: str = "out"  # checkpoints, log.jsonl, loss.png
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 where native: CUDA, AMX/AVX512-BF16 CPUs), float32, bfloat16
+    dtype: str = "auto"  # autocast: auto (bfloat16 where native, float16 on older CUDA GPUs), float32, bfloat16, float16
     compile: Optional[bool] = None  # torch.compile; default (resolve) on for CUDA, off elsewhere
     parallel: str = "ddp"  # under torchrun: ddp (a full copy per rank), fsdp (parameters and AdamW states sharded)
     # or hsdp (sharded within a node, replicated across nodes; see --replicate-degree)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     seed: int = 1337
     batch_size: int = 64  # micro batch, sequences per forward per process
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro steps

@@ -6,14 +6,16 @@ import contextlib
 import re
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
 
 from errors import UserError
 
-# float16 would need a gradient scaler; bfloat16 has float32's range and runs on every GPU since Ampere.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bfloat16 has float32's range and runs on every GPU since Ampere; float16 is for older GPUs (V100, T4), whose
+# tensor cores have it and not bfloat16: its narrow range needs a gradient scaler (optimizer.build_scaler).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -40,14 +42,31 @@ def pick_device(name: str = "auto") -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype. 'auto' is bfloat16 where the hardware computes it natively: GPUs since Ampere, and CPUs
     with AMX or AVX512-BF16, whose bfloat16 matmuls run 2.2x (AVX512-BF16) to 6.4x (AMX) float32's (BENCHMARKS.md).
-    float32 elsewhere: on other CPUs bfloat16 is emulated and slower."""
+    float16 on older CUDA GPUs (V100, T4: its tensor cores run ~8x float32). float32 elsewhere: on other CPUs
+    bfloat16 is emulated and slower."""
     if name == "auto":
-        if device.type == "cuda":  # emulated bf16 (pre-Ampere) would be slower than float32
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+        if device.type == "cuda":  # emulated bf16 (pre-Ampere) would be slower than float16's tensor cores
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    if DTYPES[name] == torch.float16 and not autocasts_to(device, torch.float16):
+        raise UserError(f"--dtype float16: torch {torch.__version__} cannot autocast to float16 on {device.type}; "
+                        f"use --dtype bfloat16 or float32")
     return DTYPES[name]
+
+
+def autocasts_to(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast on this device runs matmuls in dtype. Where it cannot (float16 on the CPU in older torch),
+    torch warns and computes in float32, which would train silently slower than asked, or refuses outright."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                ones = torch.ones(2, 2, device=device)
+                return (ones @ ones).dtype == dtype
+    except RuntimeError:
+        return False
 
 
 def cpu_has_bf16() -> bool:
@@ -91,7 +110,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
     a timed large matmul on a CPU or MPS (a practical peak, no datasheet applies). None, and no MFU, for any other
     GPU: a measured figure there would be a GPU's clock of the day, not its peak, and flatter the MFU."""
     if device.type == "cuda":
-        return datasheet_peak(torch.cuda.get_device_name(device)) if dtype == torch.bfloat16 else None
+        return datasheet_peak(torch.cuda.get_device_name(device)) if dtype in (torch.bfloat16, torch.float16) else None
     return measure_matmul_flops(device, dtype)
 
 

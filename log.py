@@ -85,6 +85,8 @@ class RunLog:
         peak FLOP/s is known), the peak memory so far (bytes) and the time left at this window's speed."""
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **extra}
         line = f"step {step:6d}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f}"
+        if "skipped_steps" in extra:  # float16: steps the gradient scaler skipped in this window
+            line += f" | skipped {extra['skipped_steps']}"
         if seconds_per_step is not None:
             tps = tokens_per_step / seconds_per_step
             left = (self.max_steps - step) * seconds_per_step

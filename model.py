@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 import documents
 from config import GPTConfig, count_params
@@ -109,6 +110,9 @@ class CausalLM(nn.Module):
 
     config: GPTConfig
     lm_head: nn.Linear
+    # --activation-checkpointing (train.py sets it): while gradients are on, each block keeps only its input and
+    # recomputes the rest in backward, a third more compute for a fraction of the memory (BENCHMARKS.md).
+    activation_checkpointing: bool = False
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -122,6 +126,14 @@ class CausalLM(nn.Module):
         attn_mask: boolean (B or 1, 1, T, keys) where True may attend; default causal.
         """
         raise NotImplementedError
+
+    def run_block(self, block: nn.Module, x, *args):
+        """block(x, *args), checkpointed under activation_checkpointing. Non-reentrant checkpointing replays the
+        RNG state (the same dropout masks), works under torch.compile, DDP and FSDP, and keeps block.__call__, so
+        FSDP's per-block hooks gather the weights again for the recomputation."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
 
     @staticmethod
     def _init_weights(module):
@@ -210,7 +222,7 @@ class GPT(CausalLM):
         positions = self.positions(idx, cache) if positions is None else positions
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, cache, attn_mask)
+            x = self.run_block(block, x, layer, cache, attn_mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)

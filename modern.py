@@ -117,7 +117,7 @@ class ModernGPT(CausalLM):
         cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
         x = self.model.embed_tokens(idx)
         for layer, block in enumerate(self.model.layers):
-            x = block(x, layer, cache, attn_mask, cos, sin)
+            x = self.run_block(block, x, layer, cache, attn_mask, cos, sin)
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)

@@ -43,6 +43,15 @@ def build_optimizer(model: CausalLM, cfg: TrainConfig, device: torch.device):
     return Optimizers(muon, adamw)
 
 
+def build_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """float16's gradient scaler (dynamic loss scaling): the loss is multiplied by a scale before backward, so that
+    small gradients do not underflow float16's range, and the gradients are divided by it before clipping and the
+    step. A step whose gradients hold an inf or a nan is skipped and the scale halved; after 2,000 clean steps it
+    doubles. float32 and bfloat16 (float32's range) need none: the scaler is then disabled, and each of its calls
+    leaves the step exactly as it was without it."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 class Optimizers:
     """Several optimizers stepped as one, so train_step and checkpoints see a single object; iterating gives the
     parts, which is what torch.distributed.checkpoint takes for a sharded save."""

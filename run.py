@@ -12,7 +12,8 @@ train.py drives a Run in this order, each step needing the one before:
     run = Run(...)                     rank 0 locks the folder and picks the start checkpoint, every rank checks
                                        that it reads the same one and that today's flags continue that run
     step = run.restore(raw_model, loader)       weights, data position, RNG: before the model is wrapped
-    run.restore_optimizer(raw_model, optimizer) the moments: after wrapping (FSDP's optimizer holds shards)
+    run.restore_optimizer(raw_model, optimizer, scaler)  the moments and float16's loss scale: after wrapping
+                                       (FSDP's optimizer holds shards)
     run.maybe_save(step, ...)          each step: saves at the interval, the final step and the kept wsd one
 """
 import dataclasses
@@ -93,12 +94,15 @@ class Run:
             self.log.start_wandb(self.cfg.wandb_project, self.cfg.wandb_run_name, config, fresh=self.start is None)
         return step
 
-    def restore_optimizer(self, raw_model, optimizer):
-        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded). The
-        start's state is dropped here: its tensors may map state.pt, which must not stay open for the run."""
+    def restore_optimizer(self, raw_model, optimizer, scaler):
+        """The start checkpoint's optimizer moments, whole or from the shards of an FSDP run (resharded), and
+        float16's loss scale where the checkpoint has one (a run that changes --dtype to float16 starts a new scale).
+        The start's state is dropped here: its tensors may map state.pt, which must not stay open for the run."""
         state, self.state = self.state, None
         if state is None:
             return
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if checkpoint.has_optimizer_shards(self.start):
             load_optimizer_state(optimizer, lambda: checkpoint.load_optimizer_shards(raw_model, optimizer, self.start))
         elif self.cfg.parallel in distributed.SHARDED:
@@ -112,13 +116,13 @@ class Run:
         cfg = self.cfg
         return due(step, cfg.checkpoint_interval, cfg.max_steps) or step == cfg.max_steps or step in self.kept
 
-    def save(self, step: int, raw_model, optimizer, batches) -> str:
+    def save(self, step: int, raw_model, optimizer, scaler, batches) -> str:
         """ckpt_<step> with everything an exact resume needs; every rank calls it (RNG states and optimizer
-        shards are gathered), rank 0 writes and returns the path."""
+        shards are gathered), rank 0 writes and returns the path. float16's loss scale is alike on every rank."""
         cfg = self.cfg
         state = {"step": step, "train_loader": batches.state_dict(),
                  "rng": distributed.gather_objects(distributed.rng_state()),
-                 "train_config": dataclasses.asdict(cfg), "data": self.data}
+                 "train_config": dataclasses.asdict(cfg), "data": self.data, "scaler": scaler.state_dict()}
         weights = staged = None
         if distributed.is_sharded(raw_model):  # every rank writes its optimizer shard, rank 0 the rest, then renames
             weights = distributed.full_weights(raw_model)

@@ -7,10 +7,15 @@
     sample     rank RANK's sample (the same)
     eot        rank RANK draws the vocabulary's last token at once when sampling: <|endoftext|> for a tokenizer
                trained by prepare_data.py (its samples end before the others')
+    overflow   not a failure, and on every rank: float16's gradient scaler starts at 2**30 (its default is
+               2**16), so the first steps' gradients overflow float16 and those steps are skipped
 """
 import errno
+import functools
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
@@ -34,6 +39,8 @@ def stale_handle(*args, **kwargs):
 def main():
     kind, rank = sys.argv[1], int(sys.argv[2])
     sys.argv = ["train.py", *sys.argv[3:]]
+    if kind == "overflow":
+        torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, init_scale=2.0**30)
     if int(os.environ.get("RANK", 0)) == rank:
         if kind == "log":
             log.RunLog.write = stale_handle

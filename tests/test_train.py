@@ -16,7 +16,7 @@ from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, kil
     start_train
 from model import build_model
 from muon import Muon
-from optimizer import build_optimizer, load_optimizer_state
+from optimizer import build_optimizer, build_scaler, load_optimizer_state
 from schedule import lr_at
 from train import grad_accum_steps, train_step
 
@@ -187,7 +187,7 @@ def test_the_schedule_scales_each_group_from_its_own_peak():
     opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=2e-2),
                           torch.device("cpu"))
     x = torch.randint(0, 64, (2, 16))
-    train_step(model, opt, iter([(x, x)]), 1, 5e-4, 1.0, torch.float32)
+    train_step(model, opt, build_scaler(torch.float32, x.device), iter([(x, x)]), 1, 5e-4, 1.0, torch.float32)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 5e-4, 5e-4], rel=1e-12)
 
 
@@ -196,7 +196,8 @@ def test_a_resumed_optimizer_keeps_the_moments_and_takes_this_runs_settings():
     model = build_model(GPTConfig(arch="modern", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     x = torch.randint(0, 64, (2, 16))
     saved = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=1e-2), torch.device("cpu"))
-    train_step(model, saved, iter([(x, x)]), 1, 1e-3, 1.0, torch.float32)
+    train_step(model, saved, build_scaler(torch.float32, x.device), iter([(x, x)]), 1, 1e-3, 1.0,
+               torch.float32)
     state = saved.state_dict()
     resumed = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=2e-2, weight_decay=0.05),
                               torch.device("cpu"))
