@@ -17,15 +17,21 @@ def test_only_replaces_its_sections_and_keeps_the_others(tmp_path):
     assert text.index("train v1") < text.index("data v1") < text.index("memory v2")  # in SECTIONS order
 
 
+def quick(tmp_path, *only) -> tuple[str, str]:
+    """(stdout, report) of bench.py --quick on one thread, the sections named in only (all when none)."""
+    out = tmp_path / "B.md"
+    result = run_cli("bench.py", "--quick", *(("--only", ",".join(only)) if only else ()), "--threads", 1, "--out",
+                     out, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, out.read_text()
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
-    out = tmp_path / "B.md"
-    result = run_cli("bench.py", "--quick", "--threads", 1, "--out", out, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    text = out.read_text()
+    stdout, text = quick(tmp_path)
     for name in bench.SECTIONS:
         if name in ("nanogpt", "stepmem"):  # they need a nanoGPT work tree (--nanogpt PATH): without, they skip
-            assert f"{name}: skipped" in result.stdout and f"<!-- bench:{name} -->" not in text
+            assert f"{name}: skipped" in stdout and f"<!-- bench:{name} -->" not in text
         elif name in bench.OPT_IN:  # only when --only names it
             assert f"<!-- bench:{name} -->" not in text
         else:
@@ -35,10 +41,7 @@ def test_quick_run_writes_every_section(tmp_path, gpt2_tiktoken):
 
 @pytest.mark.slow
 def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_path, gpt2_tiktoken):
-    out = tmp_path / "B.md"
-    result = run_cli("bench.py", "--quick", "--only", "recipe", "--threads", 1, "--out", out, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    text = out.read_text()
+    _, text = quick(tmp_path, "recipe")
     for corpus in ("tinytales", "real English"):
         for recipe in bench.RECIPES:
             assert f"| {corpus}: {recipe} | val loss " in text
@@ -47,10 +50,7 @@ def test_quick_recipe_trains_every_recipe_on_both_corpora_and_draws_them(tmp_pat
 
 @pytest.mark.slow
 def test_quick_muon_times_each_run(tmp_path):
-    out = tmp_path / "B.md"
-    result = run_cli("bench.py", "--quick", "--only", "muon", "--threads", 1, "--out", out, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    text = out.read_text()
+    _, text = quick(tmp_path, "muon")
     assert all(f": {name} | " in text for name in bench.MUON_RUNS) and "FAILED" not in text
 
 

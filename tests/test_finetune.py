@@ -2,8 +2,6 @@
 a run of ours, checked against transformers and against an uninterrupted run; bad sources in one line."""
 import gzip
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -14,8 +12,8 @@ import checkpoint
 import markov
 import prepare_data
 import train
-from helpers import SMALL, assert_one_line_error, in_process, perturb, read_log, run_train, shared_data, \
-    start_train, write_jsonl
+from helpers import (SMALL, assert_one_line_error, in_process, kill_once_saved, perturb, read_log, run_train,
+                     shared_data, start_train, write_jsonl)
 from shards import read_shard, shard_paths
 
 # The HF models' shape is SMALL's (2 x 64, 2 heads), so SMALL's shape flags agree with the source; their
@@ -115,12 +113,7 @@ def test_fine_tune_resumes_exactly_after_kill_9(tmp_path, hf_dirs, gpt2_data):
     run_train(*common, "--out-dir", tmp_path / "full")
     out = tmp_path / "killed"
     proc = start_train(*common, "--out-dir", out)
-    deadline = time.time() + 120
-    while not (out / "ckpt_0000008").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(proc, out / "ckpt_0000008", timeout=120)
     result = run_train(*common, "--out-dir", out, "--resume")
     assert "the checkpoint wins" in result.stdout
     assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")

@@ -1,17 +1,16 @@
 """--dtype float16 with its gradient scaler, on the CPU (whose autocast has float16): it trains like float32,
 skipped steps are counted and are not a diverged run, the loss scale resumes exactly after kill -9, FSDP's ranks
 skip alike; and --dtype auto's choice on each kind of hardware."""
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import hardware
 import train
-from helpers import COMMON, REPO, TORCHRUN, assert_one_line_error, in_process, read_log, run_cli, run_train
+from helpers import COMMON, REPO, TORCHRUN, assert_one_line_error, in_process, kill_once_saved, read_log, run_cli, \
+    run_train
 
 FP16 = [*COMMON, "--dtype", "float16"]
 
@@ -67,12 +66,7 @@ def test_float16_kill_9_and_resume_is_exact(tmp_path, markov_dir):
     overflowing(*common, "--out-dir", tmp_path / "full")
     out = tmp_path / "killed"
     proc = overflowing(*common, "--out-dir", out, popen=True)
-    deadline = time.time() + 120
-    while not (out / "ckpt_0000010").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_once_saved(proc, out / "ckpt_0000010", timeout=120)
     run_train(*common, "--out-dir", out, "--resume")
     for key in ("loss", "skipped_steps"):
         assert read_log(out, key) == read_log(tmp_path / "full", key), key
