@@ -191,7 +191,6 @@ class CausalLM(nn.Module):
             yield nxt
 
 
-
 class GPT(CausalLM):
     """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, the head tied to the token embedding."""
 
