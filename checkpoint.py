@@ -33,9 +33,11 @@ from atomic import atomic_write
 from config import GPTConfig
 from hardware import DTYPES
 from errors import UserError, first_line
-from model import GPT, CausalLM, build_model, hf_state_dict
+from model import GPT, CausalLM, build_model
 from tokenizer import load_tokenizer
 
+# The projections OpenAI's (and transformers') GPT-2 stores as Conv1D, (in, out): ours are nn.Linear, (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Not "tokenizer.json": that is Hugging Face's fast-tokenizer file, and transformers would misread our sidecar.
 RANKS, SIDECAR = "kit_tokenizer.tiktoken", "kit_tokenizer.json"
 HEAD = "lm_head.weight"
@@ -154,7 +156,7 @@ def load_model(source: str, device="cpu") -> tuple[CausalLM, str]:
     if arch is None:
         model, tokenizer = _load_ours(find_checkpoint(source))
     else:
-        model, tokenizer = GPT.from_pretrained(source) if arch == "gpt2" else _load_qwen3(source), "gpt2"
+        model, tokenizer = load_gpt2(source) if arch == "gpt2" else _load_qwen3(source), "gpt2"
         if os.path.isfile(os.path.join(source, RANKS)):  # an export of ours keeps its own tokenizer
             tokenizer = os.path.join(source, RANKS)
     return model.to(device).eval(), tokenizer
@@ -201,14 +203,22 @@ def load_train_state(ckpt: str, mmap: bool = True) -> dict:
 
 def read_checkpoint_meta(ckpt: str) -> dict:
     """config.json of a checkpoint: its model config (as a GPTConfig), tokenizer, step and run id."""
-    path = os.path.join(ckpt, "config.json")
+    path, meta = read_config(ckpt, "the checkpoint is incomplete or corrupt")
+    try:
+        meta["model"] = GPTConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: no model config ({e!r}); the checkpoint is incomplete or corrupt")
+    return meta
+
+
+def read_config(folder: str, hint: str) -> tuple[str, dict]:
+    """(path, contents) of folder/config.json, ours or a Hugging Face one; unreadable, one line ending in hint."""
+    path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
-            meta = json.load(f)
-        meta["model"] = GPTConfig(**meta["model"])
-        return meta
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {path}: {e}; the checkpoint is incomplete or corrupt")
+            return path, json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}; {hint}")
 
 
 def _load_ours(ckpt: str) -> tuple[GPT, str]:
@@ -262,23 +272,58 @@ def load_optimizer_shards(model, optimizer, ckpt: str):
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+# ---- Hugging Face folders: GPT-2 (OpenAI's, by hub name or folder) and Qwen3
+
 def hf_arch(path: str) -> Optional[str]:
     """"gpt2" or "qwen3" for a Hugging Face model folder of that layout, None for anything else (ours among them)."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+        _, config = read_config(path, "")
+    except UserError:
         return None
     if "n_layer" in config:  # HF GPT-2 keeps fields at the top; ours nest them under "model"
         return "gpt2"
     return "qwen3" if config.get("model_type") == "qwen3" else None
 
 
+def load_gpt2(name_or_dir: str) -> GPT:
+    """OpenAI's GPT-2 from a Hugging Face folder, or by hub name (gpt2 ... gpt2-xl; downloaded once, then cached)."""
+    folder = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
+    path, hf = read_config(folder, "not a Hugging Face GPT-2 folder")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{path}: activation {hf['activation_function']} is not GPT-2's tanh GELU")
+    try:
+        cfg = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
+                        vocab_size=hf["vocab_size"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"cannot read a GPT-2 config from {path}: {e!r}")
+    weights = {}
+    for key, tensor in hf_state_dict(folder).items():
+        key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key  # older: bare keys
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == HEAD:
+            continue  # causal-mask buffers of older folders; the head is tied to wte
+        weights[key] = tensor.t() if key.endswith(HF_CONV1D) else tensor
+    model = GPT(cfg)
+    copy_weights(weights, model, folder)
+    return model
+
+
+def _download(name: str) -> str:
+    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    name = name.removeprefix("openai-community/")  # today's canonical hub name; the short names still resolve
+    if name not in names:
+        raise UserError(f"{name!r} is neither a folder nor one of {', '.join(names)}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "*.safetensors"])
+    except Exception as e:  # offline, proxy, HTTP status: the hub raises many kinds; the fix is the same
+        raise UserError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); go online once "
+                        f"(it is then cached) or pass a local Hugging Face folder")
+
+
 def _load_qwen3(folder: str) -> CausalLM:
     """A Qwen3ForCausalLM folder as --arch modern, whose modules carry Qwen3's names: the weights map one to one."""
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        hf = json.load(f)
+    path, hf = read_config(folder, "not a Hugging Face Qwen3 folder")
     try:
         rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0)}  # transformers 5, 4.x
         cfg = GPTConfig(arch="modern", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
@@ -300,6 +345,23 @@ def _load_qwen3(folder: str) -> CausalLM:
     return model
 
 
+
+
+def hf_state_dict(folder: str) -> dict:
+    """The weights of a Hugging Face folder (safetensors, or a .bin read without unpickling code)."""
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    try:
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+
+            return load_file(st)
+        if os.path.exists(pt):
+            return torch.load(pt, map_location="cpu", weights_only=True)  # never full pickle
+    except Exception as e:  # corrupt files raise many kinds of errors; all mean the same to the user
+        raise UserError(f"cannot load weights from {folder}: {e}")
+    raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
 # Tables indexed by token or position: a padded vocabulary, a position table cropped to a shorter block.
 ROW_TABLES = ("transformer.wte.weight", "transformer.wpe.weight", "model.embed_tokens.weight", HEAD)
 
@@ -315,7 +377,7 @@ def copy_weights(weights: dict, model: CausalLM, source: str) -> None:
                 rows = min(len(target), len(tensor))
                 target, tensor = target[:rows], tensor[:rows]
             if target is None or target.shape != tensor.shape:
-                raise UserError(f"{source}: weight {key} {tuple(tensor.shape)} does not fit the model its "
+                raise UserError(f"{source}: weight {key} of shape {tuple(tensor.shape)} does not fit the model its "
                                 f"config.json describes; the folder is corrupt or of another architecture")
             target.copy_(tensor)
     missing = sorted(set(own) - ({HEAD} if model.config.tie_embeddings else set()))

@@ -19,7 +19,7 @@ import checkpoint
 from atomic import atomic_write
 from config import TrainConfig
 from errors import UserError, first_line, run_main
-from model import GPT, HF_CONV1D
+from model import GPT
 from log import LOG, read_log
 from tokenizer import EOT, load_tokenizer
 
@@ -70,7 +70,7 @@ def gpt2_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:
     if not model.config.bias:
         raise UserError(f"{ckpt} was trained with bias=False; GPT2LMHeadModel always has biases, "
                         f"so it cannot be exported as GPT-2")
-    return hf_config(model, eot), hf_weights(model, "transformer.wte.weight", HF_CONV1D)
+    return hf_config(model, eot), hf_weights(model, "transformer.wte.weight", checkpoint.HF_CONV1D)
 
 
 def qwen3_files(model: GPT, ckpt: str, eot: int) -> tuple[dict, dict]:

@@ -5,9 +5,7 @@ Module names follow OpenAI's/Hugging Face's checkpoints (transformer.h.0.attn.c_
 one to one. Attention runs through F.scaled_dot_product_attention (flash attention on CUDA). A KVCache makes
 generation cost one new token per step instead of the whole context.
 """
-import json
 import math
-import os
 from typing import Iterator, Optional
 
 import torch
@@ -20,10 +18,6 @@ import documents
 from config import GPTConfig, count_params
 from errors import UserError
 from head_loss import head_loss
-
-
-# The projections OpenAI's (and transformers') GPT-2 stores as Conv1D, (in, out): ours are nn.Linear, (out, in).
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class KVCache:
@@ -226,35 +220,6 @@ class GPT(CausalLM):
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
-        """OpenAI GPT-2 weights from a Hugging Face folder, or by hub name (gpt2 ... gpt2-xl) when online."""
-        folder = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
-        cfg = _config_from_hf(folder)
-        model = cls(cfg)
-        sd = hf_state_dict(folder)
-        own = model.state_dict()
-        with torch.no_grad():
-            for key, tensor in sd.items():
-                key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-                if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                    continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-                if key not in own:
-                    raise UserError(f"unexpected weight {key} in {folder}: not a GPT-2 checkpoint")
-                if key.endswith(HF_CONV1D):
-                    tensor = tensor.t()
-                target = own.pop(key)
-                if key == "transformer.wte.weight":
-                    target = target[:tensor.shape[0]]
-                if target.shape != tensor.shape:
-                    raise UserError(f"weight {key} in {folder} has shape {tuple(tensor.shape)}, "
-                                    f"config.json implies {tuple(target.shape)}")
-                target.copy_(tensor)
-        missing = [k for k in own if k != "lm_head.weight"]
-        if missing:
-            raise UserError(f"{folder} lacks weights {', '.join(missing[:3])}...: not a complete GPT-2 checkpoint")
-        return model
-
 
 def build_model(cfg: GPTConfig) -> CausalLM:
     """The architecture cfg names: GPT-2 (this file) or, for arch "modern", modern.py's ModernGPT."""
@@ -292,46 +257,3 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
 def estimate_mfu(cfg: GPTConfig, seq_len: int, tokens_per_sec: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (the caller knows its device)."""
     return flops_per_token(cfg, seq_len) * tokens_per_sec / peak_flops
-
-
-def _download(name: str) -> str:
-    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    name = name.removeprefix("openai-community/")  # today's canonical hub name; the short names still resolve
-    if name not in names:
-        raise UserError(f"{name!r} is neither a folder nor one of {', '.join(names)}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "*.safetensors"])
-    except Exception as e:  # offline, proxy, HTTP status: the hub raises many kinds; the fix is the same
-        raise UserError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}); go online once "
-                        f"(it is then cached) or pass a local Hugging Face folder")
-
-
-def _config_from_hf(folder: str) -> GPTConfig:
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{path}: activation {hf['activation_function']} is not GPT-2's tanh GELU")
-        return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                         block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read a GPT-2 config from {path}: {e!r}")
-
-
-def hf_state_dict(folder: str) -> dict:
-    """The weights of a Hugging Face folder (safetensors, or a .bin read without unpickling code)."""
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    try:
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-
-            return load_file(st)
-        if os.path.exists(pt):
-            return torch.load(pt, map_location="cpu", weights_only=True)  # never full pickle
-    except Exception as e:  # corrupt files raise many kinds of errors; all mean the same to the user
-        raise UserError(f"cannot load weights from {folder}: {e}")
-    raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")

@@ -12,7 +12,7 @@ import generate
 from config import TrainConfig
 from errors import UserError, run_main
 from helpers import hf_gpt2
-from model import GPT, build_model
+from model import build_model
 from tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -37,7 +37,7 @@ def test_export_opens_in_transformers_with_equal_logits(run, tmp_path):
     idx = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0))
     theirs = hf_gpt2(out)
     assert (theirs(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
-    again = GPT.from_pretrained(str(out)).eval()
+    again = checkpoint.load_gpt2(str(out)).eval()
     assert (again(idx)[0] - model(idx)[0]).abs().max().item() < 1e-5
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no leftovers beside out_dir
 

@@ -7,12 +7,11 @@ import checkpoint
 import generate
 from errors import UserError
 from helpers import assert_one_line_error, hf_gpt2, in_process, run_cli
-from model import GPT
 
 
 @pytest.fixture(scope="module")
 def gpt2(hf_gpt2_dir):
-    return GPT.from_pretrained(str(hf_gpt2_dir)).eval()
+    return checkpoint.load_gpt2(str(hf_gpt2_dir)).eval()
 
 
 def greedy_ids(model, ids, n, use_cache=True):

@@ -31,7 +31,7 @@ def tokens(batch, length, vocab, seed=0):
 
 @torch.no_grad()
 def test_logits_equal_transformers(hf_gpt2_dir):
-    ours, theirs = GPT.from_pretrained(str(hf_gpt2_dir)).eval(), hf_gpt2(hf_gpt2_dir)
+    ours, theirs = checkpoint.load_gpt2(str(hf_gpt2_dir)).eval(), hf_gpt2(hf_gpt2_dir)
     idx = tokens(2, 128, 50257)  # the whole context
     assert max_diff(ours(idx)[0], theirs(idx).logits) < TOL
 
@@ -44,7 +44,7 @@ def test_pytorch_model_bin_folder(hf_gpt2_dir, tmp_path):
     sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
     torch.save(sd, tmp_path / "pytorch_model.bin")
     shutil.copy(hf_gpt2_dir / "config.json", tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = checkpoint.load_gpt2(str(tmp_path)).eval()
     idx = tokens(1, 40, 50257)
     assert max_diff(ours(idx)[0], theirs(idx).logits) < TOL
 
@@ -54,7 +54,7 @@ def test_pytorch_model_bin_is_never_unpickled_as_code(tmp_path, hf_gpt2_dir):
     torch.save({"wte.weight": Exploit(marker)}, tmp_path / "pytorch_model.bin")
     shutil.copy(hf_gpt2_dir / "config.json", tmp_path)
     with pytest.raises(UserError):
-        GPT.from_pretrained(str(tmp_path))
+        checkpoint.load_gpt2(str(tmp_path))
     assert not marker.exists()
 
 
@@ -149,7 +149,7 @@ def test_init_std_and_scaled_residual_projections():
 
 
 def test_head_is_tied_to_the_embedding(random_gpt, hf_gpt2_dir):
-    for model in (random_gpt(), GPT.from_pretrained(str(hf_gpt2_dir))):
+    for model in (random_gpt(), checkpoint.load_gpt2(str(hf_gpt2_dir))):
         assert model.lm_head.weight is model.transformer.wte.weight
 
 
@@ -177,14 +177,14 @@ def test_flops_per_token_and_mfu_by_hand():
     assert estimate_mfu(tiny, 16, tokens_per_sec=1e6, peak_flops=312e12) == pytest.approx(608e-6, rel=1e-12)
 
 
-# --- from_pretrained errors ---------------------------------------------------------------------------------
+# --- checkpoint.load_gpt2 errors ------------------------------------------------------------------------------
 
 
-def test_from_pretrained_missing_folder(tmp_path):
+def test_load_gpt2_missing_folder(tmp_path):
     with pytest.raises(UserError, match="neither a folder"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
+        checkpoint.load_gpt2(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="config"):
-        GPT.from_pretrained(str(tmp_path))  # a folder without config.json
+        checkpoint.load_gpt2(str(tmp_path))  # a folder without config.json
 
 
 def test_hub_name_offline_is_a_user_error(monkeypatch):
@@ -195,21 +195,21 @@ def test_hub_name_offline_is_a_user_error(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError, match="cannot download gpt2"):
-        GPT.from_pretrained("gpt2")
+        checkpoint.load_gpt2("gpt2")
 
 
-def test_from_pretrained_without_weights(tmp_path, hf_gpt2_dir):
+def test_load_gpt2_without_weights(tmp_path, hf_gpt2_dir):
     shutil.copy(hf_gpt2_dir / "config.json", tmp_path)
     with pytest.raises(UserError, match="neither model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        checkpoint.load_gpt2(str(tmp_path))
 
 
-def test_from_pretrained_wrong_shapes(tmp_path, hf_gpt2_dir):
+def test_load_gpt2_wrong_shapes(tmp_path, hf_gpt2_dir):
     shutil.copy(hf_gpt2_dir / "model.safetensors", tmp_path)
     cfg = json.loads((hf_gpt2_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
     with pytest.raises(UserError, match="shape"):
-        GPT.from_pretrained(str(tmp_path))
+        checkpoint.load_gpt2(str(tmp_path))
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
