@@ -13,10 +13,9 @@ import os
 from typing import Optional
 
 import checkpoint
-from config import GPTConfig, RunOptions, TrainConfig
+from config import GPTConfig, TrainConfig
 from errors import UserError
 from model import CausalLM
-from run import resume_checkpoint
 from tokenizer import GPT2_EOT, same_tokenizer
 
 # Model fields a flag may set for the new run: how the weights are trained (dropout, document masking) or laid out
@@ -25,14 +24,14 @@ from tokenizer import GPT2_EOT, same_tokenizer
 FREE = ("dropout", "pad_vocab_multiple", "doc_mask", "eot_token")
 
 
-def initial_model(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, explicit: set, meta: dict,
-                  announce: bool) -> tuple[GPTConfig, TrainConfig, Optional[CausalLM]]:
-    """(model config, recipe, source model or None). The source model is returned only for a fresh run with
-    --init-from: train.py copies it into the model it trains. A resume of a run that began from weights takes its
-    architecture from its checkpoint (the flags need not repeat it); the recipe keeps the source's name."""
-    resumed = resume_checkpoint(cfg.out_dir, opts)
-    if resumed:
-        return (*continued(resumed, model_cfg, cfg, explicit, announce), None)
+def initial_model(model_cfg: GPTConfig, cfg: TrainConfig, explicit: set, meta: dict, start: Optional[str],
+                  state: Optional[dict], announce: bool) -> tuple[GPTConfig, TrainConfig, Optional[CausalLM]]:
+    """(model config, recipe, source model or None) of a run that starts at checkpoint `start` with its train
+    state (None: a fresh run). The source model is returned only for a fresh run with --init-from: run.py copies it
+    into the model it trains. A resume of a run that began from weights takes its architecture from its checkpoint
+    (the flags need not repeat it); the recipe keeps the source's name."""
+    if start:
+        return (*continued(start, state, model_cfg, cfg, explicit, announce), None)
     if not cfg.init_from:
         return model_cfg, cfg, None
     source, tokenizer = load_source(cfg.init_from)
@@ -47,9 +46,9 @@ def initial_model(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, expl
     return fitted_config(source.config, model_cfg, explicit, cfg.init_from), cfg, source
 
 
-def continued(ckpt: str, model_cfg: GPTConfig, cfg: TrainConfig, explicit: set,
+def continued(ckpt: str, state: dict, model_cfg: GPTConfig, cfg: TrainConfig, explicit: set,
               announce: bool) -> tuple[GPTConfig, TrainConfig]:
-    saved = checkpoint.load_train_state(ckpt, mmap=True)["train_config"].get("init_from")
+    saved = state["train_config"].get("init_from")
     if cfg.init_from and cfg.init_from != saved:
         raise UserError(f"--init-from {cfg.init_from} with --resume: {ckpt} continues a run that began from "
                         f"{saved or 'random weights'}, and a resume's weights are its checkpoint's; drop --init-from "
@@ -65,7 +64,7 @@ def continued(ckpt: str, model_cfg: GPTConfig, cfg: TrainConfig, explicit: set,
 
 def load_source(name: str) -> tuple[CausalLM, str]:
     """(model, tokenizer spec) of --init-from; a name other than OpenAI's four is refused before any download
-    (model._download)."""
+    (checkpoint._download)."""
     if os.path.isdir(name) and checkpoint.hf_arch(name) is None:
         try:
             checkpoint.find_checkpoint(name, flag="--init-from")

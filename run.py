@@ -8,13 +8,17 @@ the folder.
         wandb_id, wandb/    with --wandb: the run's wandb id (a resume continues it) and wandb's files
         .lock               held by the live run (an advisory lock the OS drops when the holder dies)
 
-train.py drives a Run in this order, each step needing the one before:
+train.py settles the run's config, then drives a Run, in this order, each step needing the one before:
+    model_cfg, cfg, source = configure(...)     the checkpoint a resume will start from, --init-from's source and
+                                       the flags give the model config and the resolved recipe; nothing is
+                                       written yet, so a refusal here leaves the folder as it was
     run = Run(...)                     rank 0 locks the folder and picks the start checkpoint, every rank checks
                                        that it reads the same one and that today's flags continue that run
-    step = run.restore(raw_model, loader)       weights, data position, RNG: before the model is wrapped
+    step = run.restore(raw_model, loader, source)   weights (the checkpoint's or the source's), data position,
+                                       RNG: before the model is wrapped
     run.restore_optimizer(raw_model, optimizer, scaler)  the moments and float16's loss scale: after wrapping
                                        (FSDP's optimizer holds shards)
-    run.maybe_save(step, ...)          each step: saves at the interval, the final step and the kept wsd one
+    run.save_due(step), run.save(...)  saves at the interval, the final step and the kept wsd one
 """
 import dataclasses
 import errno
@@ -30,8 +34,10 @@ import torch
 
 import checkpoint
 import distributed
-from config import GPTConfig, RunOptions, TrainConfig, fill_schedule_defaults
+import finetune
+from config import GPTConfig, RunOptions, TrainConfig, fill_schedule_defaults, resolve
 from errors import UserError
+from model import CausalLM
 from log import LOG, WANDB_ID, RunLog
 from optimizer import load_optimizer_state
 from schedule import decay_start, lr_at
@@ -48,6 +54,19 @@ SCHEDULE_FIELDS = ("max_steps", "learning_rate", "muon_lr", "min_lr", "warmup_st
 # flock's answers that mean "this file system cannot lock", not "another run holds the lock": NFS without lockd,
 # Lustre mounted noflock. The run goes on unlocked, with a warning.
 NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def configure(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, explicit: set, meta: dict,
+              world: distributed.World) -> tuple[GPTConfig, TrainConfig, Optional[CausalLM]]:
+    """(model config, resolved recipe, source model or None) of the run the flags ask for, settled before anything
+    is written: a resume's architecture and origin come from the checkpoint it will start from (looked up, not
+    locked: Run locks the folder and chooses the same one), a fresh run's from --init-from's source if any
+    (finetune.py; the source model is returned for Run.restore to copy), the rest from the flags (explicit: those
+    given) and the data's meta.json (config.resolve)."""
+    start = resume_checkpoint(cfg.out_dir, opts)
+    state = checkpoint.load_train_state(start, mmap=True) if start else None  # mapped: only the recipe is read
+    model_cfg, cfg, source = finetune.initial_model(model_cfg, cfg, explicit, meta, start, state, world.is_master)
+    return (*resolve(model_cfg, cfg, explicit, meta, world.device.type), source)
 
 
 class Run:
@@ -72,7 +91,7 @@ class Run:
     def restore(self, raw_model, loader, source=None) -> int:
         """Weights, data position and RNG streams of the start checkpoint into raw_model and loader; the step to go
         on from (0 for a fresh run, whose RNG streams are seeded per rank). A fresh run from trained weights
-        (--init-from, finetune.py) takes source's. Starts the log at that step."""
+        (--init-from, configure) takes source's. Starts the log at that step."""
         rank, world_size = self.world.rank, self.world.world_size
         if self.state is None:
             if source is not None:
@@ -220,7 +239,7 @@ def lock(out_dir: str):
 
 def resume_checkpoint(out_dir: str, opts: RunOptions) -> Optional[str]:
     """The checkpoint choose_checkpoint will resume from, looked up without touching the folder (None: a fresh
-    run), for what must be settled before the Run exists (finetune.py: the architecture)."""
+    run), for what must be settled before the Run exists (configure: the architecture)."""
     found = checkpoint.list_checkpoints(out_dir) if opts.resume else []
     if opts.resume_step is not None:
         found = [p for p in found if checkpoint.checkpoint_step(p) == opts.resume_step]

@@ -1,6 +1,7 @@
 """What several test files share, as plain functions: running the scripts and checking how they fail, small
 train.py runs, and the inputs the tests make (documents, damaged shards, hostile pickles). Fixtures are in
 conftest.py."""
+import contextlib
 import json
 import os
 import random
@@ -79,22 +80,34 @@ def run_train(*flags, torchrun: int = 0, check: bool = True, env=None):
 
 
 def start_train(*flags, torchrun: int = 0, **popen) -> subprocess.Popen:
-    """train.py started and left running (to be killed), its output thrown away unless popen says otherwise;
-    under torchrun it leads a process group of its own, so that os.killpg reaches every rank."""
+    """train.py started and left running (to be killed), its output thrown away unless popen says otherwise. It
+    leads a process group of its own, so that os.killpg reaches every rank under torchrun."""
     launcher = [*TORCHRUN, f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
-    return subprocess.Popen([*launcher, "train.py", *map(str, flags)], cwd=REPO, start_new_session=bool(torchrun),
-                            **popen)
+    return subprocess.Popen([*launcher, "train.py", *map(str, flags)], cwd=REPO, start_new_session=True, **popen)
 
 
 def kill_once_saved(proc: subprocess.Popen, ckpt: Path, timeout: float = 300):
-    """kill -9 the run proc once ckpt exists (it may have run on a little); fails if the run ended first."""
+    """kill -9 the run proc (and its ranks) once ckpt exists (it may have run on a little); fails if the run ended
+    first."""
     deadline = time.time() + timeout
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may have ended already
+        if os.getpgid(proc.pid) == proc.pid:  # a group of its own (start_train): torchrun and its ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def kill_and_resume(out: Path, step: int, *flags, torchrun: int = 0, timeout: float = 120):
+    """train.py with flags in out, killed with kill -9 once it has saved ckpt_<step>, then run again with
+    --resume to its end: the resumed run's result."""
+    proc = start_train(*flags, "--out-dir", out, torchrun=torchrun)
+    kill_once_saved(proc, out / checkpoint.checkpoint_name(step), timeout)
+    return run_train(*flags, "--out-dir", out, "--resume", torchrun=torchrun)
 
 
 def read_log(out: Path, key: str) -> dict:

@@ -12,8 +12,8 @@ import checkpoint
 import markov
 import prepare_data
 import train
-from helpers import (SMALL, assert_one_line_error, in_process, kill_once_saved, perturb, read_log, run_train,
-                     shared_data, start_train, write_jsonl)
+from helpers import (SMALL, assert_one_line_error, in_process, kill_and_resume, perturb, read_log, run_train,
+                     shared_data, write_jsonl)
 from shards import read_shard, shard_paths
 
 # The HF models' shape is SMALL's (2 x 64, 2 heads), so SMALL's shape flags agree with the source; their
@@ -112,9 +112,7 @@ def test_fine_tune_resumes_exactly_after_kill_9(tmp_path, hf_dirs, gpt2_data):
               "--checkpoint-interval", 4, "--dropout", 0.1]
     run_train(*common, "--out-dir", tmp_path / "full")
     out = tmp_path / "killed"
-    proc = start_train(*common, "--out-dir", out)
-    kill_once_saved(proc, out / "ckpt_0000008", timeout=120)
-    result = run_train(*common, "--out-dir", out, "--resume")
+    result = kill_and_resume(out, 8, *common)
     assert "the checkpoint wins" in result.stdout
     assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")
     assert read_log(out, "val_loss") == read_log(tmp_path / "full", "val_loss")

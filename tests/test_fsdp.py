@@ -1,11 +1,8 @@
 """--parallel fsdp on CPU ranks (gloo): the same training as DDP and accumulation, a sharded optimizer that
 resumes exactly on the same or another number of ranks, 1/world of the model state per rank, and consolidated
 weights that every script reads."""
-import os
 import re
 import shutil
-import signal
-import time
 
 import pytest
 import torch
@@ -14,19 +11,25 @@ import checkpoint
 import distributed
 import markov
 from errors import UserError
-from helpers import COMMON, assert_one_line_error, cut_back_to, read_log, run_train, start_train
+from helpers import COMMON, assert_one_line_error, cut_back_to, kill_and_resume, read_log, run_train
 
 pytestmark = pytest.mark.slow
 
 
+def sharded_run(tmp_path_factory, markov_dir, parallel: str, ranks: int, batch: int, *flags) -> tuple:
+    """(run folder, stdout) of 8 steps of --parallel `parallel` on `ranks` ranks, micro batches of `batch` windows,
+    checkpoints at 4 and 8: one run that a module's tests share."""
+    out = tmp_path_factory.mktemp(parallel) / "out"
+    result = run_train(*COMMON, "--batch-size", batch, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
+                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", parallel, *flags,
+                       torchrun=ranks)
+    return out, result.stdout
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, markov_dir):
-    """8 steps of FSDP on 2 ranks with 2 micro steps each (batch 2), checkpoints at 4 and 8, dropout on."""
-    out = tmp_path_factory.mktemp("fsdp") / "out"
-    result = run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
-                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp", "--eval-interval", 8,
-                       "--eval-steps", 2, torchrun=2)
-    return out, result.stdout
+    """FSDP on 2 ranks with 2 micro steps each (batch 2), dropout on, evaluated at step 8."""
+    return sharded_run(tmp_path_factory, markov_dir, "fsdp", 2, 2, "--eval-interval", 8, "--eval-steps", 2)
 
 
 def test_fsdp_equals_ddp_and_accumulation(tmp_path, markov_dir, fsdp_run):
@@ -51,32 +54,30 @@ def test_each_rank_holds_about_half_the_model_state(tmp_path, markov_dir, fsdp_r
 @pytest.mark.parametrize("ranks, parallel", [(1, "fsdp"), (2, "fsdp"), (4, "fsdp"), (0, "ddp")])
 def test_a_checkpoint_of_2_ranks_resumes_on_1_2_or_4_or_without_sharding(tmp_path, markov_dir, fsdp_run, ranks,
                                                                           parallel):
-    out, _ = fsdp_run
+    # The same tokens per step on any number of ranks: 2 x 2 x 2 micro batches of 2, or 4 x 2 x 1.
+    full, after = resumed_at_4(fsdp_run[0], tmp_path, markov_dir, parallel, ranks)
+    for step in range(5, 9):
+        assert abs(after[step] - full[step]) < 1e-5, (ranks, step, after[step], full[step])
+
+
+def resumed_at_4(out, tmp_path, markov_dir, parallel: str, ranks: int) -> tuple[dict, dict]:
+    """The losses of the run in out, and of a copy cut back to step 4 and resumed to step 8 with --parallel
+    `parallel` on `ranks` ranks, micro batches of 2."""
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
     cut_back_to(resumed, 4)
-    # The same tokens per step on any number of ranks: 2 x 2 x 2 micro batches of 2, or 4 x 2 x 1.
     run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", resumed, "--max-steps", 8,
               "--checkpoint-interval", 4, "--parallel", parallel, "--resume", torchrun=ranks)
     full, after = read_log(out, "loss"), read_log(resumed, "loss")
     assert sorted(after) == list(range(1, 9))
-    for step in range(5, 9):
-        assert abs(after[step] - full[step]) < 1e-5, (ranks, step, after[step], full[step])
+    return full, after
 
 
 def test_kill_9_and_resume_is_exact(tmp_path, markov_dir, fsdp_run):
     full, _ = fsdp_run
     out = tmp_path / "out"
-    proc = start_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
-                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp", torchrun=2)
-    deadline = time.time() + 120
-    while not (out / "ckpt_0000004").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
-    assert not (out / "ckpt_0000008").exists(), "the run finished before it could be killed"
-    run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
-              "--checkpoint-interval", 4, "--parallel", "fsdp", "--resume", torchrun=2)
+    kill_and_resume(out, 4, *COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--max-steps", 8,
+                    "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "fsdp", torchrun=2)
     after, before = read_log(out, "loss"), read_log(full, "loss")
     assert sorted(after) == list(range(1, 9))
     assert all(abs(after[s] - before[s]) < 1e-6 for s in after), (after, before)
@@ -145,12 +146,8 @@ def test_muon_with_an_untied_head_under_fsdp_resumes_exactly_and_trains_as_ddp(t
 
 @pytest.fixture(scope="module")
 def hsdp_run(tmp_path_factory, markov_dir):
-    """8 steps of HSDP on 4 ranks (2 replicas x 2 shards), 2 micro steps of 1 window each, checkpoints at 4 and 8."""
-    out = tmp_path_factory.mktemp("hsdp") / "out"
-    result = run_train(*COMMON, "--batch-size", 1, "--data-dir", markov_dir, "--out-dir", out, "--max-steps", 8,
-                       "--checkpoint-interval", 4, "--keep-checkpoints", 0, "--parallel", "hsdp",
-                       "--replicate-degree", 2, torchrun=4)
-    return out, result.stdout
+    """HSDP on 4 ranks (2 replicas x 2 shards), 2 micro steps of 1 window each."""
+    return sharded_run(tmp_path_factory, markov_dir, "hsdp", 4, 1, "--replicate-degree", 2)
 
 
 def test_hsdp_equals_one_process_and_holds_half_the_state(tmp_path, markov_dir, hsdp_run):
@@ -168,14 +165,7 @@ def test_hsdp_equals_one_process_and_holds_half_the_state(tmp_path, markov_dir, 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_an_hsdp_checkpoint_resumes_on_2_ranks(tmp_path, markov_dir, hsdp_run, parallel):
-    out, _ = hsdp_run
-    resumed = tmp_path / "out"
-    shutil.copytree(out, resumed)
-    cut_back_to(resumed, 4)
-    run_train(*COMMON, "--batch-size", 2, "--data-dir", markov_dir, "--out-dir", resumed, "--max-steps", 8,
-              "--checkpoint-interval", 4, "--parallel", parallel, "--resume", torchrun=2)
-    full, after = read_log(out, "loss"), read_log(resumed, "loss")
-    assert sorted(after) == list(range(1, 9))
+    full, after = resumed_at_4(hsdp_run[0], tmp_path, markov_dir, parallel, 2)
     assert all(abs(after[s] - full[s]) < 1e-5 for s in range(5, 9)), (parallel, after, full)
 
 

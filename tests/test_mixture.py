@@ -11,8 +11,8 @@ import markov
 import train
 from dataloader import DataLoader, Mixture, common_meta, parse_sources
 from errors import UserError
-from helpers import (COMMON, TINY, assert_one_line_error, cut_back_to, in_process, kill_once_saved, read_log,
-                     run_train, start_train)
+from helpers import (COMMON, TINY, assert_one_line_error, cut_back_to, in_process, kill_and_resume, read_log,
+                     run_train)
 from shards import write_shard
 
 B, T = 2, 4
@@ -171,9 +171,7 @@ def test_kill_and_resume_of_a_mixture_is_exact(tmp_path, markov_pair, mixed_run)
     """kill -9 in the middle of the run, before its small folder's first epoch ends, --resume: the loss curve, the
     tokens read from each folder and the val losses equal the run never stopped, exactly."""
     out = tmp_path / "killed"
-    proc = start_train(*MIXED, "--data-dir", markov_pair, "--out-dir", out)
-    kill_once_saved(proc, out / "ckpt_0000015", timeout=120)
-    run_train(*MIXED, "--data-dir", markov_pair, "--out-dir", out, "--resume")
+    kill_and_resume(out, 15, *MIXED, "--data-dir", markov_pair)
     for key in ("loss", "source_tokens", "val_loss", "val_loss_small"):
         assert read_log(out, key) == read_log(mixed_run[0], key)
 

@@ -12,8 +12,8 @@ import torch
 import markov
 from config import GPTConfig, TrainConfig, fill_schedule_defaults
 from errors import UserError
-from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, kill_once_saved, read_log, run_train, \
-    start_train
+from helpers import COMMON, SMALL, TINY, assert_one_line_error, cut_back_to, kill_and_resume, kill_once_saved, \
+    read_log, run_train, start_train
 from model import build_model
 from muon import Muon
 from optimizer import build_optimizer, build_scaler, load_optimizer_state
@@ -57,11 +57,8 @@ def test_kill_and_resume_is_exact(tmp_path, markov_dir, optimizer):
     common = [*COMMON, *OPTIMIZERS[optimizer], "--data-dir", markov_dir, "--max-steps", 40,
               "--checkpoint-interval", 5, "--keep-checkpoints", 2, "--dropout", 0.1]
     run_train(*common, "--out-dir", tmp_path / "full")
-
     out = tmp_path / "killed"
-    proc = start_train(*common, "--out-dir", out)
-    kill_once_saved(proc, out / "ckpt_0000015", timeout=120)
-    run_train(*common, "--out-dir", out, "--resume")
+    kill_and_resume(out, 15, *common)
     assert read_log(out, "loss") == read_log(tmp_path / "full", "loss")
 
 
