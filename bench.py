@@ -100,11 +100,28 @@ def judged(ratio: float, target: float) -> dict:
                 meets=ratio >= target)
 
 
+def interleaved(fns: dict, warmup: int, repeats: int, sync, memory: Optional["Bench"] = None) -> dict:
+    """{name: Stat} of each fn called warmup + repeats times, the fns taking turns call by call; sync() ends each
+    call's clock (the device's queue, or a barrier of every rank). memory: a Bench, to take what each call adds."""
+    times, mems = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(warmup + repeats):
+        for k, fn in fns.items():
+            before = memory and memory.memory_now()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - start)
+            mems[k].append(None if before is None else memory.memory_peak() - before)
+    return {k: Stat(t[0], t[warmup:], None if mems[k][0] is None else max(mems[k][warmup:]))
+            for k, t in times.items()}
+
+
 class Bench:
     """What every section shares: the device, the sizes (full or --quick), a scratch folder, lazily built data."""
 
     def __init__(self, args):
         self.device = hardware.pick_device(args.device)
+        hardware.configure(self.device)  # as train.py does: TF32 on CUDA, the CPU's allocator
         self.quick, self.nanogpt = args.quick, args.nanogpt
         self.out = Path(args.out)  # the report; figures go beside it
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -138,17 +155,7 @@ class Bench:
 
     def interleaved(self, fns: dict, warmup: int, repeats: int) -> dict:
         """{name: Stat} of each fn called warmup + repeats times, the fns taking turns call by call."""
-        times, mems = {k: [] for k in fns}, {k: [] for k in fns}
-        for _ in range(warmup + repeats):
-            for k, fn in fns.items():
-                before = self.memory_now()
-                start = time.perf_counter()
-                fn()
-                self.sync()
-                times[k].append(time.perf_counter() - start)
-                mems[k].append(None if before is None else self.memory_peak() - before)
-        return {k: Stat(t[0], t[warmup:], None if mems[k][0] is None else max(mems[k][warmup:]))
-                for k, t in times.items()}
+        return interleaved(fns, warmup, repeats, self.sync, memory=self)
 
     def markov_data(self) -> str:
         """A data folder of a random Markov chain (markov.py): learnable, and cheap to make."""
@@ -805,16 +812,9 @@ def muon_step_times(runs: dict, width: int, warmup: int, repeats: int):
     0 prints {run: [seconds of each repeat]} as JSON."""
     world = distributed.setup("cpu")
     steps = {name: muon_stepper(which, layout, width, world) for name, (which, layout) in runs.items()}
-    times = {name: [] for name in runs}
-    for _ in range(warmup + repeats):
-        for name, step in steps.items():
-            distributed.barrier()
-            start = time.perf_counter()
-            step()
-            distributed.barrier()
-            times[name].append(time.perf_counter() - start)
+    stats = interleaved(steps, warmup, repeats, distributed.barrier)
     if world.is_master:
-        print(json.dumps({name: t[warmup:] for name, t in times.items()}))
+        print(json.dumps({name: stat.times for name, stat in stats.items()}))
     distributed.teardown()
 
 
@@ -1041,7 +1041,6 @@ def bench_gpu(b: Bench):
               "torch.cuda.is_available())", flush=True)
         return
     deadline = time.perf_counter() + GPU_BUDGET_S
-    hardware.configure_matmul(b.device)
     count = torch.cuda.device_count()
     yield Row("device", f"{torch.cuda.get_device_name(b.device)} x {count}",
               details=f"torch {torch.__version__}, CUDA {torch.version.cuda}; datasheet bf16 peak "
