@@ -1,8 +1,11 @@
-"""Where and how the math runs: the device, the autocast dtype, matmul settings and the device's peak FLOP/s.
+"""Where and how the math runs: the device, the autocast dtype, matmul and allocator settings and the device's peak
+FLOP/s.
 
 Each choice lives in one function here so every script makes it the same way.
 """
 import contextlib
+import ctypes
+import ctypes.util
 import re
 import sys
 import time
@@ -139,17 +142,38 @@ def synchronize(device: torch.device):
         torch.mps.synchronize()
 
 
-def configure_matmul(device: torch.device):
-    """TF32 for float32 matmuls and convolutions on Ampere and newer: ~8x the fp32 throughput for a negligible
-    precision cost. Through fp32_precision where torch has it (2.9+, where the allow_tf32 flags are deprecated)."""
+def configure(device: torch.device):
+    """Settings that make training fast on this device: TF32 on CUDA, the allocator on Linux CPUs."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type != "cuda":
         return
+    # TF32 for float32 matmuls and convolutions on Ampere and newer: ~8x the fp32 throughput for a negligible
+    # precision cost. Through fp32_precision where torch has it (2.9+, where the allow_tf32 flags are deprecated).
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory():
+    """glibc's malloc serves every allocation from its heap and keeps what is freed there for the next one. By
+    default it maps each allocation over 32 MB afresh and unmaps it when freed, and a CPU training step allocates
+    its logits, gradients and their temporaries (hundreds of MB) anew every step: the kernel then faults in and
+    zeroes every page again, 100 ms per 256 MB on the 2-core dev machine (BENCHMARKS.md, cpubound). The cost:
+    memory freed is not handed back to the OS, so the process keeps its peak, which a training run holds anyway.
+    Elsewhere (macOS, musl, Windows) nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_MAX, 0)  # no mmap for large blocks: the heap serves them, and reuses them once freed
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and keeps up to 2 GB free at its top rather than returning it
 
 
 def peak_memory(device: torch.device) -> float:

@@ -41,7 +41,7 @@ class _HeadLoss(torch.autograd.Function):
         safe_targets = targets.clamp(min=0)  # an ignored row's target is harmless: its scale is 0
         losses = torch.empty(len(x), device=x.device, dtype=torch.float32)
         grad_h = torch.empty(x.shape, device=x.device, dtype=torch.float32) if need_grad else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+        grad_w = None  # float32, written by the first chunk's GEMM and accumulated into by the others
         for start in range(0, len(x), chunk_rows):
             rows = slice(start, start + chunk_rows)
             t = safe_targets[rows, None]
@@ -56,8 +56,14 @@ class _HeadLoss(torch.autograd.Function):
             if need_grad:
                 scale = row_scale[rows, None]
                 dlogits = probs.scatter_(1, t, probs.gather(1, t) - 1)  # softmax - onehot: one element per row
-                grad_h[rows] = (dlogits @ w).float() * scale
-                grad_w += (dlogits.t() @ (x[rows] * scale.to(dtype))).float()
+                torch.mul(dlogits @ w, scale, out=grad_h[rows])
+                scaled_x = x[rows] * scale.to(dtype)
+                if grad_w is None:
+                    grad_w = (dlogits.t() @ scaled_x).float()
+                elif dtype == torch.float32:  # no (vocab, C) temporary: the GEMM adds into grad_w
+                    grad_w.addmm_(dlogits.t(), scaled_x)
+                else:
+                    grad_w += dlogits.t() @ scaled_x
         if need_grad:
             fn_ctx.save_for_backward(grad_h, grad_w)
             fn_ctx.input_dtypes = (h.dtype, weight.dtype)

@@ -16,15 +16,13 @@ import torch
 
 import hardware
 import distributed
-import finetune
-from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs, \
-    resolve
+from config import GPTConfig, RunOptions, TrainConfig, add_config_args, check_values, count_params, parse_configs
 from dataloader import DataLoader, DeviceBatches, Mixture, common_meta, parse_sources
 from errors import UserError, run_main
 from evaluate import Evaluator
 from model import build_model, flops_per_token
 from optimizer import build_optimizer, build_scaler
-from run import Run, StopFlag, due
+from run import Run, StopFlag, configure, due
 from schedule import lr_at
 
 
@@ -44,11 +42,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, opts: RunOptions, world: distr
     # ---- setup: everything the run needs is resolved here, before step 1
     device, master = world.device, world.is_master
     dtype = hardware.pick_dtype(cfg.dtype, device)
-    hardware.configure_matmul(device)
+    hardware.configure(device)
     sources = parse_sources(cfg.data_dir, cfg.data_weights)
     meta = common_meta(sources)
-    model_cfg, cfg, source = finetune.initial_model(model_cfg, cfg, opts, explicit, meta, master)
-    model_cfg, cfg = resolve(model_cfg, cfg, explicit, meta, device.type)
+    model_cfg, cfg, source = configure(model_cfg, cfg, opts, explicit, meta, world)  # nothing written yet
     accum = grad_accum_steps(cfg, model_cfg.block_size, world.world_size)
     train_loader = Mixture(sources, "train", cfg.batch_size, model_cfg.block_size, world.rank, world.world_size,
                            shuffle_seed=cfg.seed if cfg.shuffle else None, vocab_size=model_cfg.vocab_size,
