@@ -23,10 +23,8 @@ import shutil
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 import atomic
 from atomic import atomic_write
@@ -257,6 +255,9 @@ def load_weights(model, ckpt: str):
 
 def save_optimizer_shards(model, optimizer, folder: str):
     """Every rank writes its shard of the optimizer state into folder/optimizer: a collective."""
+    import torch.distributed.checkpoint as dcp  # only sharded runs: a second to import (distributed.py)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
                checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
 
@@ -267,6 +268,9 @@ def has_optimizer_shards(ckpt: str) -> bool:
 
 def load_optimizer_shards(model, optimizer, ckpt: str):
     """The optimizer state of ckpt, resharded for this run's ranks (or whole, for an unsharded model)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill, this run's shards
     dcp.load(state, checkpoint_id=os.path.join(ckpt, OPTIMIZER_DIR))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

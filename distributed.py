@@ -8,18 +8,20 @@ FSDP keeps 16 / world_size and gathers each block's weights just before it runs,
 slow network between nodes once the ranks span several. HSDP keeps 16 / (ranks per replica) and gathers only
 within its replica (one node's NVLink); between nodes travels one all-reduce of each gradient shard per step.
 In a single process every collective here is a no-op, so the scripts call them unconditionally.
+
+FSDP2, DTensor and distributed checkpointing are imported where a sharded run uses them: they take 1.4 s to
+import, which every single-process or DDP start (each script, each test) would pay for nothing.
 """
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hardware import pick_device
@@ -188,6 +190,8 @@ def shard(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, 
 
     Mixed precision as under DDP: float32 master weights and gradient reduction, compute in `dtype` (the loop's
     autocast still keeps softmax, norms and the loss in float32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
@@ -200,7 +204,15 @@ def shard(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, 
 
 
 def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
+    """Whether FSDP2 sharded model: its parameters are then DTensors."""
+    return is_dtensor(next(model.parameters(), None))
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor (a shard of FSDP2's). None exists before torch.distributed.tensor is imported, so an
+    unsharded run never imports it here."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def local_param_bytes(model: torch.nn.Module) -> int:
@@ -231,6 +243,8 @@ def gathered(model):
 
 def full_weights(model) -> dict:
     """The whole state dict on CPU at rank 0 (empty on the others): a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

@@ -26,7 +26,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+
+from distributed import is_dtensor
 
 # Keller Jordan's quintic (torch.optim.Muon's defaults): coefficients that maximise the slope at zero, so that five
 # steps bring every singular value into roughly [0.5, 1.5], which trains as well as exactly 1.
@@ -67,7 +68,7 @@ def assign_owners(costs: list, ranks: int) -> list:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of t: the tensor itself, or a DTensor's shard (which in-place updates write through)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 class Pending:
@@ -93,10 +94,10 @@ class Muon(torch.optim.Optimizer):
         for p, split in matrices:
             if p.dim() != 2 or p.shape[0] % split:
                 raise ValueError(f"Muon takes matrices whose rows split evenly; got {tuple(p.shape)}, split {split}")
-            if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or p.placements != (Shard(0),)):
+            if is_dtensor(p) and (p.device_mesh.ndim != 1 or not p.placements[0].is_shard(0)):
                 raise ValueError(f"Muon takes DTensors sharded by rows over one mesh dimension, got {p.placements}")
         first = matrices[0][0]
-        if isinstance(first, DTensor):
+        if is_dtensor(first):
             self.group = first.device_mesh.get_group()
         else:
             self.group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
@@ -143,7 +144,7 @@ class Muon(torch.optim.Optimizer):
     def gather(self, update: torch.Tensor, p) -> Pending:
         """The whole update on p's owner (elsewhere: None). Row shards of FSDP (torch.chunk's split: ceil(rows / W)
         rows each, the last ones fewer or none) are padded to one size for the gather."""
-        if not isinstance(p, DTensor):
+        if not is_dtensor(p):
             return Pending(None, lambda: update)  # one process or DDP: every rank holds it whole
         ranks, rows, chunk = self.sizes(p)
         padded = update.new_zeros(chunk, p.shape[1])
@@ -157,7 +158,7 @@ class Muon(torch.optim.Optimizer):
         """This rank's part of the owner's orthogonalised update: all of it (one process, DDP) or its rows (FSDP)."""
         if self.group is None:
             return Pending(None, lambda: ortho)
-        if not isinstance(p, DTensor):
+        if not is_dtensor(p):
             whole = ortho if ortho is not None else torch.empty(p.shape, dtype=torch.bfloat16, device=p.device)
             return Pending(dist.broadcast(whole, group=self.group, group_src=self.owner[p], async_op=True),
                            lambda: whole)
