@@ -249,15 +249,15 @@ def test_wandb_offline_logs_the_run(tmp_path, markov_dir):
 
 def test_float32_runs_on_several_threads_are_bitwise_repeatable_and_resume_exactly(tmp_path, english_dir):
     """Issue 21: on 2 threads and real English, two identical float32 runs give the same bits at every step, and a
-    run killed with kill -9 and resumed equals them for the 110 steps after its resume point."""
+    run killed with kill -9 and resumed equals them for the 40 steps after its resume point."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # users run every core; one thread hides order-dependent sums
     # 8 x 64 rows: the head's gradient sums enough of them that a CPU kernel splits the sum over threads.
     common = [*SMALL, "--data-dir", english_dir, "--block-size", 64, "--batch-size", 8, "--total-batch-size", 8 * 64,
-              "--pad-vocab-multiple", 64, "--max-steps", 150, "--checkpoint-interval", 10, "--keep-checkpoints", 2]
+              "--pad-vocab-multiple", 64, "--max-steps", 80, "--checkpoint-interval", 20, "--keep-checkpoints", 2]
     for name in ("a", "b"):
         run_train(*common, "--out-dir", tmp_path / name, env=env)
     first, second = read_log(tmp_path / "a", "loss"), read_log(tmp_path / "b", "loss")
-    assert sorted(first) == list(range(1, 151)) and first == second
+    assert sorted(first) == list(range(1, 81)) and first == second
 
     out = tmp_path / "killed"
     proc = start_train(*common, "--out-dir", out, env=env)
@@ -265,5 +265,5 @@ def test_float32_runs_on_several_threads_are_bitwise_repeatable_and_resume_exact
     cut_back_to(out, 40)  # resume from step 40 whatever the kill let through
     run_train(*common, "--out-dir", out, "--resume", env=env)
     resumed = read_log(out, "loss")
-    assert all(resumed[step] == first[step] for step in range(41, 151)), \
-        max(abs(resumed[step] - first[step]) for step in range(41, 151))
+    assert all(resumed[step] == first[step] for step in range(41, 81)), \
+        max(abs(resumed[step] - first[step]) for step in range(41, 81))
