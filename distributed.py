@@ -204,8 +204,10 @@ def shard(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, 
 
 
 def is_sharded(model) -> bool:
-    """Whether FSDP2 sharded model: its parameters are then DTensors."""
-    return is_dtensor(next(model.parameters(), None))
+    """Whether FSDP2 wraps model (fully_shard made it an FSDPModule). Not its parameters' type: after a forward
+    without backward the root keeps its own parameters gathered, as plain tensors."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by shard(): not yet, then nothing is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def is_dtensor(t) -> bool:
